@@ -1,0 +1,94 @@
+"""One small interface for "a Dask cluster", many backends behind it.
+
+A backend starts a cluster for one run (`up`) and stops it (`down`). The handle it returns is
+plain JSON, so it can travel through XCom to a teardown task in another process or on another
+host. `down` must be idempotent: safe to call twice, or on a half-made cluster.
+
+Third parties add a backend with an entry point in the `dagfactory.backends` group that names a
+class implementing `ClusterBackend`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from importlib import import_module
+from importlib.metadata import entry_points
+from typing import Any, Protocol
+
+from dagfactory.errors import ClusterError
+from dagfactory.spec import ClusterSpec
+
+ENTRY_POINT_GROUP = "dagfactory.backends"
+BUILTIN = {
+    "local": "dagfactory.backends.local:LocalBackend",
+    "existing": "dagfactory.backends.existing:ExistingBackend",
+}
+
+
+@dataclass(frozen=True)
+class ClusterHandle:
+    """Everything needed to use a running cluster and to find and stop all of it later."""
+
+    backend: str
+    key: str
+    scheduler_address: str
+    dashboard_link: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | str) -> ClusterHandle:
+        return cls(**(json.loads(data) if isinstance(data, str) else data))
+
+
+@dataclass(frozen=True)
+class ClusterContext:
+    """What a backend may need from the pipeline besides the cluster spec."""
+
+    key: str
+    """Unique per pipeline run; names every resource so teardown can find it from elsewhere."""
+    python: str = ""
+    """The pipeline virtualenv's interpreter (for backends that start processes here)."""
+    code_dir: str = ""
+    """The checked-out code, put on the workers' PYTHONPATH where the backend can."""
+
+
+class ClusterBackend(Protocol):
+    def up(self, spec: ClusterSpec, context: ClusterContext) -> ClusterHandle:
+        """Start a cluster; on failure, stop whatever was started and raise ClusterError."""
+
+    def down(self, handle: ClusterHandle) -> None:
+        """Stop everything the handle names. Idempotent."""
+
+
+def backend_names() -> tuple[str, ...]:
+    """Names of every available backend, built-in and installed through entry points."""
+    return tuple(sorted(_registry()))
+
+
+def backend_exists(name: str) -> bool:
+    # Built-ins first: scanning installed distributions for entry points costs milliseconds,
+    # which DAG parsing should not pay for the common case.
+    return name in BUILTIN or name in _registry()
+
+
+def get_backend(name: str) -> ClusterBackend:
+    target = _registry().get(name)
+    if target is None:
+        raise ClusterError(
+            f"unknown cluster backend {name!r}; available: {', '.join(backend_names())}"
+        )
+    module, _, attr = target.partition(":")
+    return getattr(import_module(module), attr)()
+
+
+@cache
+def _registry() -> dict[str, str]:
+    found = dict(BUILTIN)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, ep.value)
+    return found

@@ -1,0 +1,187 @@
+"""`local`: a Dask scheduler and workers as processes on this host (the embedded default).
+
+The processes run from the pipeline's virtualenv, in their own session so that they outlive the
+`cluster_up` task that started them. Every one of them carries the run's key in its environment,
+which is how `down` finds them all (nanny-spawned workers and orphans included) from any process
+on this host, with or without the handle. The scheduler stops itself after `idle_timeout` with no
+work and the workers follow it after `death_timeout`, so even a lost teardown cannot leave a
+cluster running for long.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+from dagfactory.backends import ClusterContext, ClusterHandle
+from dagfactory.errors import ClusterError
+from dagfactory.spec import ClusterSpec, parse_duration, parse_size
+from dagfactory.workspace import dagfactory_home
+
+log = logging.getLogger(__name__)
+
+KEY_VARIABLE = "DAGFACTORY_CLUSTER_KEY"
+START_TIMEOUT = 120.0
+DEATH_TIMEOUT = 60
+STOP_GRACE = 2.0
+
+
+def cluster_dir(key: str) -> Path:
+    return dagfactory_home() / "clusters" / re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
+
+
+def processes_of(key: str) -> list[psutil.Process]:
+    """Every live process on this host started for the cluster with this key."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(KEY_VARIABLE) == key:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def _stop(key: str) -> int:
+    """SIGTERM everything of the cluster, SIGKILL what is still there after a short grace."""
+    procs = processes_of(key)
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=STOP_GRACE)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return len(procs)
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class LocalBackend:
+    def up(self, spec: ClusterSpec, context: ClusterContext) -> ClusterHandle:
+        if not context.python:
+            raise ClusterError("the local backend needs the pipeline's virtualenv")
+        # An earlier attempt of this same run may have died half-way: start from nothing.
+        self.down(ClusterHandle("local", context.key, ""))
+        state = cluster_dir(context.key)
+        state.mkdir(parents=True)
+        scheduler_file = state / "scheduler.json"
+        env = {**os.environ, KEY_VARIABLE: context.key, "PYTHONUNBUFFERED": "1"}
+        if context.code_dir:
+            env["PYTHONPATH"] = context.code_dir
+        idle = int(parse_duration(spec.idle_timeout).total_seconds())
+        commands = {
+            "scheduler": [
+                context.python, "-m", "distributed.cli.dask_scheduler",
+                "--host", "127.0.0.1", "--port", "0",
+                "--dashboard-address", "127.0.0.1:0",
+                "--scheduler-file", str(scheduler_file),
+                "--idle-timeout", f"{idle}s",
+            ],
+            "workers": [
+                context.python, "-m", "distributed.cli.dask_worker",
+                "--scheduler-file", str(scheduler_file),
+                "--host", "127.0.0.1",
+                "--nworkers", str(spec.workers),
+                "--nthreads", str(spec.cpu),
+                "--memory-limit", str(parse_size(spec.memory)),
+                "--death-timeout", str(DEATH_TIMEOUT),
+                "--local-directory", str(state / "work"),
+                "--no-dashboard",
+            ],
+        }  # fmt: skip
+        try:
+            procs = {}
+            for name, cmd in commands.items():
+                with open(state / f"{name}.log", "ab") as out:
+                    procs[name] = subprocess.Popen(
+                        cmd,
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        cwd=context.code_dir or state,
+                        env=env,
+                        start_new_session=True,
+                    )
+            handle = self._wait(spec, context, state, procs)
+        except BaseException:
+            self.down(ClusterHandle("local", context.key, ""))
+            raise
+        (state / "handle.json").write_text(json.dumps(handle.to_json()))
+        return handle
+
+    def _wait(
+        self,
+        spec: ClusterSpec,
+        context: ClusterContext,
+        state: Path,
+        procs: dict[str, subprocess.Popen],
+    ) -> ClusterHandle:
+        """Block until the scheduler is up and every worker has joined it."""
+        deadline = time.monotonic() + START_TIMEOUT
+        info: dict = {}
+        workers = -1
+        while time.monotonic() < deadline:
+            for name, proc in procs.items():
+                if proc.poll() is not None:
+                    raise ClusterError(
+                        f"the Dask {name} exited with code {proc.returncode} while starting:\n"
+                        f"{_log_tail(state / f'{name}.log')}"
+                    )
+            if not info:
+                try:
+                    info = json.loads((state / "scheduler.json").read_text())
+                except (OSError, ValueError):
+                    info = {}
+            if info:
+                port = info.get("services", {}).get("dashboard")
+                url = f"http://127.0.0.1:{port}/json/counts.json"
+                try:
+                    with urllib.request.urlopen(url, timeout=2) as response:
+                        workers = json.load(response)["workers"]
+                except (OSError, ValueError, KeyError):
+                    workers = -1
+                if workers >= spec.workers:
+                    return ClusterHandle(
+                        backend="local",
+                        key=context.key,
+                        scheduler_address=info["address"],
+                        dashboard_link=f"http://127.0.0.1:{port}/status",
+                        details={
+                            "host": socket.gethostname(),
+                            "pids": [p.pid for p in procs.values()],
+                            "state_dir": str(state),
+                        },
+                    )
+            time.sleep(0.05)
+        raise ClusterError(
+            f"the local Dask cluster did not get {spec.workers} workers within "
+            f"{START_TIMEOUT:.0f}s (has {max(workers, 0)}):\n{_log_tail(state / 'workers.log')}"
+        )
+
+    def down(self, handle: ClusterHandle) -> None:
+        stopped = _stop(handle.key)
+        if stopped:
+            log.info("stopped %d process(es) of cluster %s", stopped, handle.key)
+        shutil.rmtree(cluster_dir(handle.key), ignore_errors=True)

@@ -1,0 +1,132 @@
+"""The Airflow tasks of a pipeline: thin wrappers that call `steps.py` with the task's context.
+
+Each operator holds the PipelineSpec as a plain attribute (not a template field): the spec is
+rebuilt from the YAML when the task runs, so it is never serialized into the metadata DB.
+Values between tasks travel as XComArgs in template fields, which Airflow resolves at run time.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from airflow.sdk import BaseOperator
+
+from dagfactory.spec import PipelineSpec, parse_duration
+from dagfactory.workspace import Credentials
+
+
+def run_key(context: Any) -> str:
+    """Unique per DAG run; names the run's cluster so any later task can find it."""
+    raw = f"{context['dag'].dag_id}__{context['run_id']}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", raw)
+
+
+def _credentials(spec: PipelineSpec) -> Credentials | None:
+    if not spec.source.connection:
+        return None
+    from airflow.sdk import Connection
+
+    conn = Connection.get(spec.source.connection)
+    return Credentials(conn.login, conn.password)
+
+
+class _PipelineOperator(BaseOperator):
+    ui_color = "#e8f0fe"
+
+    def __init__(self, *, spec: PipelineSpec, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spec = spec
+
+
+class BootstrapOperator(_PipelineOperator):
+    """Resolve the git ref to one commit for the whole run; prepare checkout and virtualenv."""
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from dagfactory import steps
+
+        return steps.bootstrap(self.spec, _credentials(self.spec), self.log.info)
+
+
+class ClusterUpOperator(_PipelineOperator):
+    """Setup task: start the run's Dask cluster and push its handle."""
+
+    template_fields = ("workspace",)
+    ui_color = "#d5f5e3"
+
+    def __init__(self, *, workspace: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.workspace = workspace
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from dagfactory import steps
+
+        return steps.cluster_up(
+            self.spec,
+            self.workspace["commit"],
+            run_key(context),
+            _credentials(self.spec),
+            self.log.info,
+        )
+
+
+class RunOperator(_PipelineOperator):
+    """Call the entry point with a client of the run's cluster; its result becomes the XCom."""
+
+    template_fields = ("workspace", "cluster")
+    ui_color = "#fdebd0"
+
+    def __init__(self, *, workspace: Any, cluster: Any, **kwargs: Any) -> None:
+        if kwargs.get("execution_timeout") is None and (timeout := kwargs["spec"].timeout):
+            kwargs["execution_timeout"] = parse_duration(timeout)
+        super().__init__(**kwargs)
+        self.workspace = workspace
+        self.cluster = cluster
+
+    def execute(self, context: Any) -> Any:
+        from dagfactory import steps
+
+        # context["params"] holds trigger-time overrides; strings are Jinja-rendered here so
+        # that "{{ ds }}" in a YAML param becomes the run's date.
+        declared = {name: context["params"][name] for name in self.spec.params}
+        params = self.render_template(declared, context)
+        return steps.run(
+            self.spec,
+            self.workspace["commit"],
+            self.cluster,
+            params,
+            _credentials(self.spec),
+            self.log.info,
+        )
+
+
+class TeardownOperator(_PipelineOperator):
+    """Teardown task: scale the run's cluster to zero, whatever happened before."""
+
+    template_fields = ("cluster",)
+    ui_color = "#fadbd8"
+
+    def __init__(self, *, cluster: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cluster = cluster
+
+    def execute(self, context: Any) -> None:
+        from dagfactory import steps
+
+        steps.teardown(self.spec, self.cluster, run_key(context))
+        self.log.info("cluster %s stopped", run_key(context))
+
+
+class InvalidSpecOperator(BaseOperator):
+    """The one task of a broken pipeline file's DAG: fails with the file's errors."""
+
+    ui_color = "#f5b7b1"
+
+    def __init__(self, *, message: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.message = message
+
+    def execute(self, context: Any) -> None:
+        from dagfactory.errors import SpecError
+
+        raise SpecError.from_text(self.message)

@@ -1,0 +1,1 @@
+"""Example pipeline code: count words over a corpus, in parallel on a Dask cluster."""
