@@ -1,0 +1,146 @@
+"""Fixtures that make real things in temp dirs: git repositories, an Airflow metadata DB, a
+dagfactory cache shared by the whole session (so that virtualenvs are built once)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "wordcount"
+
+# Airflow reads its configuration when first imported: point it at a private home first.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="dagfactory-tests-"))
+os.environ["AIRFLOW_HOME"] = str(_SESSION_DIR / "airflow")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
+os.environ["AIRFLOW__CORE__EXECUTOR"] = "LocalExecutor"
+os.environ["DAGFACTORY_HOME"] = str(_SESSION_DIR / "dagfactory")
+os.environ.pop("DAGFACTORY_PIPELINES_DIR", None)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from dagfactory.backends.local import KEY_VARIABLE
+
+    # Whatever a failed test left behind must not outlive the session.
+    import psutil
+
+    for proc in psutil.process_iter():
+        try:
+            if KEY_VARIABLE in proc.environ():
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
+def git(cwd: Path, *args: str) -> str:
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "Test",
+        "GIT_AUTHOR_EMAIL": "test@example.invalid",
+        "GIT_COMMITTER_NAME": "Test",
+        "GIT_COMMITTER_EMAIL": "test@example.invalid",
+    }
+    out = subprocess.run(
+        ["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True
+    )
+    return out.stdout.strip()
+
+
+@dataclass
+class GitRepo:
+    path: Path
+
+    def write(self, relative: str, text: str) -> None:
+        target = self.path / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(textwrap.dedent(text))
+
+    def commit(self, message: str = "change") -> str:
+        git(self.path, "add", "-A")
+        git(self.path, "commit", "-q", "-m", message)
+        return git(self.path, "rev-parse", "HEAD")
+
+    def head(self) -> str:
+        return git(self.path, "rev-parse", "HEAD")
+
+
+def make_repo(path: Path, files: dict[str, str] | None = None, copy_from: Path | None = None):
+    path.mkdir(parents=True)
+    if copy_from:
+        shutil.copytree(copy_from, path, dirs_exist_ok=True)
+    git(path, "init", "-q", "-b", "main")
+    repo = GitRepo(path)
+    for name, text in (files or {}).items():
+        repo.write(name, text)
+    repo.commit("initial")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def wordcount_repo(tmp_path_factory) -> GitRepo:
+    """A real git repository holding the wordcount example."""
+    return make_repo(tmp_path_factory.mktemp("remotes") / "wordcount", copy_from=EXAMPLE)
+
+
+@pytest.fixture
+def repo_factory(tmp_path):
+    def factory(name: str = "repo", files: dict[str, str] | None = None) -> GitRepo:
+        return make_repo(tmp_path / "remotes" / name, files)
+
+    return factory
+
+
+FAILING_JOB = """
+    def main(client, message="boom"):
+        total = client.submit(sum, [1, 2, 3]).result()
+        print(f"partial result {total}")
+        raise ValueError(message)
+"""
+
+
+def write_pipeline(folder: Path, name: str, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """A migrated SQLite metadata DB in the session's AIRFLOW_HOME."""
+    subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"],
+        check=True,
+        capture_output=True,
+    )
+    from airflow import settings
+
+    settings.configure_orm()
+    return settings
+
+
+def cluster_processes(key_fragment: str = "") -> list:
+    """Live Dask processes started by dagfactory whose cluster key contains key_fragment."""
+    import psutil
+
+    from dagfactory.backends.local import KEY_VARIABLE
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            key = proc.environ().get(KEY_VARIABLE)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if key is not None and key_fragment in key and proc.status() != psutil.STATUS_ZOMBIE:
+            found.append(proc)
+    return found

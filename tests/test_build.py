@@ -1,0 +1,134 @@
+"""The loader file as Airflow's DAG processor sees it, and the DAG each spec becomes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dagfactory.build import INVALID_TAG, build_dag
+from dagfactory.load import load_file
+from tests.conftest import ROOT, write_pipeline
+
+SPEC = """
+    description: test pipeline {n}
+    schedule: "@daily"
+    start_date: 2026-01-01
+    retries: 2
+    timeout: 10m
+    tags: [team-a]
+    source:
+      git: https://example.com/acme/jobs.git
+      ref: v1.0
+    entrypoint: jobs.main:run
+    params:
+      day: "{{{{ ds }}}}"
+      n: {n}
+"""
+
+
+@pytest.fixture
+def pipelines(tmp_path, monkeypatch):
+    folder = tmp_path / "pipelines"
+    for n in range(3):
+        write_pipeline(folder, f"job_{n}", SPEC.format(n=n))
+    monkeypatch.setenv("DAGFACTORY_PIPELINES_DIR", str(folder))
+    return folder
+
+
+def _dagbag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(ROOT / "dags"), safe_mode=True)
+
+
+def test_dag_processor_finds_one_dag_per_spec_without_import_errors(pipelines):
+    bag = _dagbag()
+    assert bag.import_errors == {}
+    assert sorted(bag.dag_ids) == ["job_0", "job_1", "job_2"]
+
+
+def test_the_repo_pipelines_folder_parses(monkeypatch):
+    monkeypatch.delenv("DAGFACTORY_PIPELINES_DIR", raising=False)
+    bag = _dagbag()
+    assert bag.import_errors == {}
+    assert "wordcount" in bag.dag_ids
+
+
+def test_task_group_chain_with_setup_and_teardown(pipelines):
+    dag = _dagbag().dags["job_1"]
+    assert sorted(dag.task_ids) == [
+        "pipeline.bootstrap",
+        "pipeline.cluster_up",
+        "pipeline.run",
+        "pipeline.teardown",
+    ]
+    bootstrap, up, run, down = (
+        dag.get_task(f"pipeline.{t}") for t in ("bootstrap", "cluster_up", "run", "teardown")
+    )
+    assert up.is_setup and not up.is_teardown
+    assert down.is_teardown and not down.is_setup
+    assert not run.is_setup and not run.is_teardown
+    assert down.on_failure_fail_dagrun
+    assert bootstrap.upstream_task_ids == set()
+    assert up.upstream_task_ids == {"pipeline.bootstrap"}
+    assert run.upstream_task_ids == {"pipeline.bootstrap", "pipeline.cluster_up"}
+    assert down.upstream_task_ids == {"pipeline.cluster_up", "pipeline.run"}
+    assert down.trigger_rule == "all_done_setup_success"
+
+
+def test_spec_fields_reach_the_dag(pipelines):
+    dag = build_dag(load_file(pipelines / "job_2.yml"))
+    assert dag.description == "test pipeline 2"
+    assert dag.tags == {"dagfactory", "team-a"}
+    assert dag.params["n"] == 2 and dag.params["day"] == "{{ ds }}"
+    assert dag.start_date.isoformat() == "2026-01-01T00:00:00+00:00"
+    run = dag.get_task("pipeline.run")
+    assert run.execution_timeout.total_seconds() == 600
+    assert run.retries == 2
+    assert "jobs.main:run" in dag.doc_md
+
+
+def test_invalid_file_becomes_a_marked_dag_and_valid_ones_still_load(pipelines):
+    (pipelines / "broken.yml").write_text("source: {git: x}\nentrypoint: 42\n")
+    bag = _dagbag()
+    assert bag.import_errors == {}
+    assert {"job_0", "job_1", "job_2", "broken"} <= set(bag.dag_ids)
+    broken = bag.dags["broken"]
+    assert INVALID_TAG in broken.tags
+    assert "broken.yml:2:" in broken.doc_md and "entrypoint" in broken.doc_md
+
+
+_SERIALIZE = """
+import json, sys
+from dagfactory.build import build_dag
+from dagfactory.load import load_file
+from airflow.serialization.serialized_objects import DagSerialization
+dag = build_dag(load_file(sys.argv[1]))
+print(json.dumps(DagSerialization.to_dict(dag), sort_keys=True))
+"""
+
+
+def test_same_yaml_gives_the_same_serialized_dag_in_two_processes(pipelines):
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", _SERIALIZE, str(pipelines / "job_0.yml")],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+        ).stdout
+        for seed in (1, 2)
+    ]
+    assert outputs[0] == outputs[1]
+    assert json.loads(outputs[0])["dag"]["dag_id"] == "job_0"
+
+
+def test_parsing_context_builds_only_the_dag_being_run(pipelines, monkeypatch):
+    from dagfactory.build import build_dags
+
+    monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", "job_1")
+    monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_TASK_ID", "pipeline.run")
+    (pipelines / "broken.yml").write_text("not: [valid")
+    assert list(build_dags(pipelines)) == ["job_1"]

@@ -1,0 +1,71 @@
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from dagfactory.errors import SpecError
+from dagfactory.load import load_file, load_folder
+from tests.conftest import ROOT, write_pipeline
+
+MINIMAL = """\
+source:
+  git: https://example.com/acme/jobs.git
+entrypoint: jobs.main:run
+"""
+
+
+def test_the_example_pipeline_loads_with_its_declared_values():
+    spec = load_file(ROOT / "pipelines" / "wordcount.yml")
+    assert spec.dag_id == "wordcount"
+    assert spec.entrypoint == "wordcount.job:main"
+    assert spec.entry_module == "wordcount.job" and spec.entry_function == "main"
+    assert spec.start_date == date(2026, 1, 1)
+    assert spec.params == {"chunks": 64, "top": 5, "label": "{{ ds }}"}
+    assert spec.cluster.backend == "local" and spec.cluster.workers == 2
+    assert spec.source.subdir == "examples/wordcount"
+
+
+def test_defaults_are_filled_in(tmp_path):
+    spec = load_file(write_pipeline(tmp_path, "minimal", MINIMAL))
+    assert spec.dag_id == "minimal"
+    assert spec.owner == "dagfactory"
+    assert spec.schedule is None and spec.catchup is False and spec.retries == 0
+    assert spec.cluster.backend == "local" and spec.cluster.workers == 2
+    assert spec.cluster.memory == "2GiB"
+    assert spec.origin == str((tmp_path / "minimal.yml").resolve())
+
+
+def test_dag_id_key_overrides_the_file_name(tmp_path):
+    spec = load_file(write_pipeline(tmp_path, "file_name", MINIMAL + "dag_id: other_id\n"))
+    assert spec.dag_id == "other_id"
+
+
+def test_defaults_file_is_merged_under_each_spec(tmp_path):
+    (tmp_path / "defaults.yml").write_text("owner: platform\ncluster:\n  workers: 8\n  cpu: 2\n")
+    write_pipeline(tmp_path, "a", MINIMAL + "cluster:\n  cpu: 4\n")
+    result = load_folder(tmp_path)
+    assert not result.problems
+    (spec,) = result.specs
+    assert spec.owner == "platform"
+    assert (spec.cluster.workers, spec.cluster.cpu) == (8, 4)
+
+
+def test_unknown_key_is_located_and_suggested(tmp_path):
+    path = write_pipeline(tmp_path, "typo", MINIMAL + "cluster:\n  wokers: 2\n")
+    with pytest.raises(SpecError) as err:
+        load_file(path)
+    (problem,) = err.value.problems
+    assert (problem.line, problem.column) == (5, 3)
+    assert problem.field == "cluster.wokers"
+    assert "did you mean 'workers'?" in problem.message
+    assert str(problem).startswith(f"{path}:5:3: error: cluster.wokers: unknown key")
+
+
+def test_one_bad_file_does_not_hide_the_good_ones(tmp_path):
+    write_pipeline(tmp_path, "good", MINIMAL)
+    write_pipeline(tmp_path, "bad", "source: {git: x}\nentrypoint: not-an-entrypoint\n")
+    (tmp_path / "notes.txt").write_text("not a pipeline")
+    result = load_folder(tmp_path)
+    assert [s.dag_id for s in result.specs] == ["good"]
+    assert [Path(p.file).name for p in result.problems] == ["bad.yml"]
+    assert result.problems[0].line == 2
