@@ -34,31 +34,30 @@ INVALID_TAG = "dagfactory:invalid"
 def build_dag(spec: PipelineSpec) -> DAG:
     """The DAG of one pipeline: bootstrap -> cluster_up (setup) -> run -> teardown."""
     start = spec.start_date
-    with DAG(
-        dag_id=spec.dag_id,
-        description=spec.description or None,
-        schedule=spec.schedule,
-        start_date=datetime(start.year, start.month, start.day, tzinfo=UTC) if start else None,
-        catchup=spec.catchup,
-        tags=sorted({"dagfactory", *spec.tags}),
-        params=dict(spec.params),
-        doc_md=_doc(spec),
-        default_args={"owner": spec.owner, "retries": spec.retries},
-        max_active_tasks=4,
-    ) as dag:
-        with TaskGroup(GROUP, tooltip=f"{spec.entrypoint} on a {spec.cluster.backend} cluster"):
-            bootstrap = BootstrapOperator(task_id="bootstrap", spec=spec)
-            cluster_up = ClusterUpOperator(
-                task_id="cluster_up", spec=spec, workspace=bootstrap.output
-            )
-            run = RunOperator(
-                task_id="run", spec=spec, workspace=bootstrap.output, cluster=cluster_up.output
-            )
-            teardown = TeardownOperator(task_id="teardown", spec=spec, cluster=cluster_up.output)
-            # A lost cluster is worth a red run: the teardown's failure fails the DAG run.
-            bootstrap >> cluster_up >> run >> teardown.as_teardown(
-                setups=cluster_up, on_failure_fail_dagrun=True
-            )
+    with (
+        DAG(
+            dag_id=spec.dag_id,
+            description=spec.description or None,
+            schedule=spec.schedule,
+            start_date=datetime(start.year, start.month, start.day, tzinfo=UTC) if start else None,
+            catchup=spec.catchup,
+            tags=sorted({"dagfactory", *spec.tags}),
+            params=dict(spec.params),
+            doc_md=_doc(spec),
+            default_args={"owner": spec.owner, "retries": spec.retries},
+            max_active_tasks=4,
+        ) as dag,
+        TaskGroup(GROUP, tooltip=f"{spec.entrypoint} on a {spec.cluster.backend} cluster"),
+    ):
+        bootstrap = BootstrapOperator(task_id="bootstrap", spec=spec)
+        cluster_up = ClusterUpOperator(task_id="cluster_up", spec=spec, workspace=bootstrap.output)
+        run = RunOperator(
+            task_id="run", spec=spec, workspace=bootstrap.output, cluster=cluster_up.output
+        )
+        teardown = TeardownOperator(task_id="teardown", spec=spec, cluster=cluster_up.output)
+        # Not on_failure_fail_dagrun: with it, Airflow judges the run by the teardown alone
+        # and a failed entry point would leave the DAG run green.
+        bootstrap >> cluster_up >> run >> teardown.as_teardown(setups=cluster_up)
     return dag
 
 

@@ -28,7 +28,9 @@ SCHEDULE_PRESETS = (
     "@annually",
 )
 # Refs as git-check-ref-format allows them, minus a leading '-' (it would read as an option).
-_BAD_REF = re.compile(r"(^-)|(^/)|(/$)|(\.\.)|(//)|(@\{)|([\x00-\x20\x7f~^:?*\[\\])|(\.lock$)|(\.$)")
+_BAD_REF = re.compile(
+    r"(^-)|(^/)|(/$)|(\.\.)|(//)|(@\{)|([\x00-\x20\x7f~^:?*\[\\])|(\.lock$)|(\.$)"
+)
 
 
 def check_spec(spec: PipelineSpec) -> Iterator[Finding]:
@@ -43,26 +45,36 @@ def _check_source(spec: PipelineSpec) -> Iterator[Finding]:
     if git.startswith("-"):
         yield ("source", "git"), f"{git!r} starts with '-' and would be read as an option"
     elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]*::", git):
-        yield ("source", "git"), (
-            f"{git!r} uses a git remote helper ('{git.split('::')[0]}::'), which can run "
-            "commands; use an https://, ssh://, file:// URL or a path"
+        yield (
+            ("source", "git"),
+            (
+                f"{git!r} uses a git remote helper ('{git.split('::')[0]}::'), which can run "
+                "commands; use an https://, ssh://, file:// URL or a path"
+            ),
         )
     elif "://" in git:
         url = urlsplit(git)
         if url.scheme not in ("https", "http", "ssh", "git", "file"):
-            yield ("source", "git"), (
-                f"URL scheme {url.scheme!r} is not supported; use https://, ssh://, git://, "
-                "file:// or a path"
+            yield (
+                ("source", "git"),
+                (
+                    f"URL scheme {url.scheme!r} is not supported; use https://, ssh://, git://, "
+                    "file:// or a path"
+                ),
             )
         if url.username or url.password:
-            yield ("source", "git"), (
-                "the URL contains credentials; remove them and put them in an Airflow "
-                "connection (see 'source.connection' in the README)"
+            yield (
+                ("source", "git"),
+                (
+                    "the URL contains credentials; remove them and put them in an Airflow "
+                    "connection (see 'source.connection' in the README)"
+                ),
             )
     ref = spec.source.ref
     if ref is not None and (not ref.strip() or _BAD_REF.search(ref)):
-        yield ("source", "ref"), (
-            f"{ref!r} is not a valid git ref name; write a branch, a tag or a full commit sha"
+        yield (
+            ("source", "ref"),
+            (f"{ref!r} is not a valid git ref name; write a branch, a tag or a full commit sha"),
         )
     yield from _check_relative(("source", "subdir"), spec.source.subdir)
     if isinstance(spec.source.requirements, str):
@@ -84,17 +96,21 @@ def _check_schedule(spec: PipelineSpec) -> Iterator[Finding]:
         return
     if schedule.startswith("@"):
         if schedule not in SCHEDULE_PRESETS:
-            yield ("schedule",), (
-                f"unknown preset {schedule!r}; use one of {', '.join(SCHEDULE_PRESETS)}"
+            yield (
+                ("schedule",),
+                (f"unknown preset {schedule!r}; use one of {', '.join(SCHEDULE_PRESETS)}"),
             )
         return
     from croniter import croniter
 
     if len(schedule.split()) != 5 or not croniter.is_valid(schedule):
-        yield ("schedule",), (
-            f"{schedule!r} is not a cron expression; write five fields "
-            "'minute hour day-of-month month day-of-week', e.g. '0 6 * * 1-5', or a preset "
-            "such as @daily"
+        yield (
+            ("schedule",),
+            (
+                f"{schedule!r} is not a cron expression; write five fields "
+                "'minute hour day-of-month month day-of-week', e.g. '0 6 * * 1-5', or a preset "
+                "such as @daily"
+            ),
         )
 
 
@@ -103,14 +119,17 @@ def _check_cluster(spec: PipelineSpec) -> Iterator[Finding]:
 
     cluster = spec.cluster
     if not backend_exists(cluster.backend):
-        yield ("cluster", "backend"), (
-            f"unknown backend {cluster.backend!r}; use one of {', '.join(backend_names())}"
+        yield (
+            ("cluster", "backend"),
+            (f"unknown backend {cluster.backend!r}; use one of {', '.join(backend_names())}"),
         )
     if cluster.backend == "existing" and not cluster.address:
-        yield ("cluster", "address"), (
-            "the 'existing' backend needs the scheduler's address, e.g. tcp://10.0.0.5:8786"
+        yield (
+            ("cluster", "address"),
+            ("the 'existing' backend needs the scheduler's address, e.g. tcp://10.0.0.5:8786"),
         )
     if cluster.address and not re.match(r"^(tcp|tls|ucx|ws|wss)://[^\s/]+:\d+/?$", cluster.address):
-        yield ("cluster", "address"), (
-            f"{cluster.address!r} is not a scheduler address; write e.g. tcp://host:8786"
+        yield (
+            ("cluster", "address"),
+            (f"{cluster.address!r} is not a scheduler address; write e.g. tcp://host:8786"),
         )

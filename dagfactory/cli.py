@@ -20,8 +20,14 @@ from typing import Any
 import yaml
 
 from dagfactory.errors import DagfactoryError, SpecError, SpecProblem
-from dagfactory.load import SUFFIXES, LoadResult, load_file, load_files, pipeline_files
-from dagfactory.load import read_defaults
+from dagfactory.load import (
+    SUFFIXES,
+    LoadResult,
+    load_file,
+    load_files,
+    pipeline_files,
+    read_defaults,
+)
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -61,7 +67,13 @@ def _collect(paths: list[str]) -> LoadResult:
     for spec in specs:
         if spec.dag_id in seen:
             problems.append(
-                SpecProblem(spec.origin, f"DAG id {spec.dag_id!r} is also used by {seen[spec.dag_id]}", 1, 1, "dag_id")
+                SpecProblem(
+                    spec.origin,
+                    f"DAG id {spec.dag_id!r} is also used by {seen[spec.dag_id]}",
+                    1,
+                    1,
+                    "dag_id",
+                )
             )
         seen.setdefault(spec.dag_id, spec.origin)
     return LoadResult(tuple(specs), tuple(problems))
@@ -79,13 +91,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     else:
         for p in problems:
             if args.format == "github":
-                print(f"::error file={p.file},line={p.line or 1},col={p.column or 1}::"
-                      f"{(p.field + ': ') if p.field else ''}{p.message}")
+                print(
+                    f"::error file={p.file},line={p.line or 1},col={p.column or 1}::"
+                    f"{(p.field + ': ') if p.field else ''}{p.message}"
+                )
             else:
                 print(p)
         files = len(result.specs) + len({p.file for p in problems})
-        summary = f"{len(problems)} error(s) in {len({p.file for p in problems})} of {files} file(s)"
-        print(summary if problems else f"{len(result.specs)} pipeline file(s) valid", file=sys.stderr)
+        summary = (
+            f"{len(problems)} error(s) in {len({p.file for p in problems})} of {files} file(s)"
+        )
+        print(
+            summary if problems else f"{len(result.specs)} pipeline file(s) valid", file=sys.stderr
+        )
     return EXIT_INVALID if problems else EXIT_OK
 
 

@@ -5,14 +5,44 @@ dagfactory is installed, so it imports only the standard library and Dask.
 """
 
 import argparse
+import hashlib
 import importlib
 import json
+import pathlib
 import sys
+import tempfile
 import traceback
+import zipfile
+
+
+def _ship_code(client, code_dir: str) -> None:
+    """Upload the repository's Python packages and modules to the scheduler and every worker.
+
+    Dask pickles functions by reference and, since 2024, the scheduler unpickles task graphs:
+    both need to import the pipeline's code. A cluster that never saw the repository (an
+    existing one, or one in the cloud) gets it this way, and so does every worker that joins
+    later.
+    """
+    root = pathlib.Path(code_dir)
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    archive = pathlib.Path(tempfile.gettempdir()) / f"dagfactory_code_{digest}.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(root.iterdir()):
+            if path.name.startswith(".") or path.name == "__pycache__":
+                continue
+            if path.suffix == ".py" and path.is_file():
+                zf.write(path, path.name)
+            elif path.is_dir() and (path / "__init__.py").is_file():
+                for item in sorted(path.rglob("*")):
+                    if item.is_file() and "__pycache__" not in item.parts:
+                        zf.write(item, item.relative_to(root).as_posix())
+    try:
+        client.upload_file(str(archive), load=True)
+    finally:
+        archive.unlink(missing_ok=True)
 
 
 def _call(args: argparse.Namespace) -> object:
-    import cloudpickle
     from distributed import Client
 
     module_name, _, function_name = args.entrypoint.partition(":")
@@ -20,12 +50,10 @@ def _call(args: argparse.Namespace) -> object:
     function = getattr(module, function_name, None)
     if not callable(function):
         raise AttributeError(f"module {module_name!r} has no function {function_name!r}")
-    # Ship the pipeline's own code to the workers by value, so that a cluster that never saw
-    # the repository (an existing one, or one in the cloud) can run it all the same.
-    cloudpickle.register_pickle_by_value(importlib.import_module(module_name.split(".")[0]))
     with open(args.params) as f:
         params = json.load(f)
     with Client(args.scheduler, timeout=60) as client:
+        _ship_code(client, args.code_dir)
         return function(client, **params)
 
 

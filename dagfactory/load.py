@@ -198,7 +198,11 @@ def _schema_findings(data: dict[str, Any]) -> Iterator[tuple[FieldPath, bool, st
         elif error.validator == "minLength":
             yield path, False, "must not be empty"
         elif error.validator == "anyOf":
-            yield path, False, f"must be a string or a list of strings, not {_describe(error.instance)}"
+            yield (
+                path,
+                False,
+                f"must be a string or a list of strings, not {_describe(error.instance)}",
+            )
         else:
             yield path, False, error.message
 

@@ -117,8 +117,7 @@ class PipelineSpec:
     owner: str = doc("Owner shown in Airflow.", "dagfactory")
     tags: tuple[str, ...] = doc("Airflow tags.", tuple)
     schedule: str | None = doc(
-        "Cron expression or Airflow preset (@daily, @hourly, ...); null runs only when "
-        "triggered.",
+        "Cron expression or Airflow preset (@daily, @hourly, ...); null runs only when triggered.",
         None,
         examples=["@daily", "0 6 * * 1-5"],
     )
@@ -172,9 +171,7 @@ def parse_duration(text: str) -> timedelta:
     """'1h30m' -> timedelta(hours=1, minutes=30)."""
     if not re.match(DURATION_PATTERN, text):
         raise ValueError(f"{text!r} is not a duration; write e.g. 90s, 30m, 1h or 1h30m")
-    seconds = sum(
-        int(n) * _DURATION_UNITS[u] for n, u in re.findall(r"(\d+)\s*([dhms])", text)
-    )
+    seconds = sum(int(n) * _DURATION_UNITS[u] for n, u in re.findall(r"(\d+)\s*([dhms])", text))
     return timedelta(seconds=seconds)
 
 

@@ -136,15 +136,25 @@ def resolve_commit(spec: PipelineSpec, credentials: Credentials | None = None) -
         else [f"refs/heads/{ref}".encode(), f"refs/tags/{ref}".encode(), ref.encode()]
     )
     for name in wanted:
-        # an annotated tag points at a tag object; its peeled form names the commit
-        sha = refs.get(name + b"^{}") or refs.get(name)
-        if sha:
-            return sha.decode()
+        if sha := refs.get(name):
+            return _peel(url, sha.decode(), credentials)
     branches = sorted(n.decode()[11:] for n in refs if n.startswith(b"refs/heads/"))
     raise WorkspaceError(
         f"{spec.origin}: source.ref {ref!r} is neither a branch nor a tag of {_display(url)}; "
         f"branches there: {', '.join(branches) or 'none'}"
     )
+
+
+def _peel(url: str, sha: str, credentials: Credentials | None) -> str:
+    """The commit an annotated tag points at (fetching it), or sha itself for a commit."""
+    from dulwich.objects import Tag
+    from dulwich.repo import Repo
+
+    with Repo(str(_fetch(url, sha, credentials))) as repo:
+        obj = repo[sha.encode()]
+        while isinstance(obj, Tag):
+            obj = repo[obj.object[1]]
+        return obj.id.decode()
 
 
 def _fetch(url: str, commit: str, credentials: Credentials | None) -> Path:
@@ -170,9 +180,7 @@ def _fetch(url: str, commit: str, credentials: Credentials | None) -> Path:
                 if sha and not name.endswith(b"^{}") and name != b"HEAD":
                     repo.refs[b"refs/mirror/" + name.removeprefix(b"refs/")] = sha
             if commit.encode() not in repo.object_store:
-                raise WorkspaceError(
-                    f"commit {commit} is not in {_display(url)}; check source.ref"
-                )
+                raise WorkspaceError(f"commit {commit} is not in {_display(url)}; check source.ref")
     return mirror
 
 

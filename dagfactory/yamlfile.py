@@ -71,9 +71,12 @@ class YamlFile:
                     if key_node.value == str(part):
                         child = key_node if key and part == field_path[-1] else value_node
                         break
-            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-                if 0 <= part < len(node.value):
-                    child = node.value[part]
+            elif (
+                isinstance(node, yaml.SequenceNode)
+                and isinstance(part, int)
+                and 0 <= part < len(node.value)
+            ):
+                child = node.value[part]
             if child is None:
                 break
             node = child
@@ -121,9 +124,11 @@ def read_yaml(path: str | Path, shown_as: str | None = None) -> YamlFile:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise _problem(shown, f"file is not UTF-8 text (byte {exc.start}); save it as UTF-8")
+        raise _problem(
+            shown, f"file is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        ) from None
     try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a safe loader
+        data = yaml.load(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         message = " ".join(filter(None, [exc.context, exc.problem])) or "invalid YAML"
         if exc.problem and "could not determine a constructor" in exc.problem:

@@ -28,10 +28,10 @@ os.environ.pop("DAGFACTORY_PIPELINES_DIR", None)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    from dagfactory.backends.local import KEY_VARIABLE
-
     # Whatever a failed test left behind must not outlive the session.
     import psutil
+
+    from dagfactory.backends.local import KEY_VARIABLE
 
     for proc in psutil.process_iter():
         try:

@@ -70,7 +70,7 @@ def test_task_group_chain_with_setup_and_teardown(pipelines):
     assert up.is_setup and not up.is_teardown
     assert down.is_teardown and not down.is_setup
     assert not run.is_setup and not run.is_teardown
-    assert down.on_failure_fail_dagrun
+    assert not down.on_failure_fail_dagrun  # else a failed run would leave the DAG run green
     assert bootstrap.upstream_task_ids == set()
     assert up.upstream_task_ids == {"pipeline.bootstrap"}
     assert run.upstream_task_ids == {"pipeline.bootstrap", "pipeline.cluster_up"}

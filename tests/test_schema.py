@@ -8,7 +8,9 @@ from tests.conftest import ROOT
 
 def test_checked_in_schema_matches_the_dataclasses():
     checked_in = (ROOT / "schemas" / "pipeline.schema.json").read_text()
-    assert checked_in == schema_text(), "run: dagfactory schema --write schemas/pipeline.schema.json"
+    assert checked_in == schema_text(), (
+        "run: dagfactory schema --write schemas/pipeline.schema.json"
+    )
 
 
 def test_schema_is_a_valid_draft_2020_12_schema():

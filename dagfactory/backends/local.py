@@ -10,6 +10,7 @@ cluster running for long.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -57,16 +58,12 @@ def _stop(key: str) -> int:
     """SIGTERM everything of the cluster, SIGKILL what is still there after a short grace."""
     procs = processes_of(key)
     for proc in procs:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             proc.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(procs, timeout=STOP_GRACE)
     for proc in alive:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(alive, timeout=5)
     return len(procs)
 

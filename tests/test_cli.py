@@ -1,0 +1,92 @@
+"""The dagfactory command, run as a user runs it: a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FAILING_JOB, ROOT, cluster_processes, write_pipeline
+
+DAGFACTORY = [sys.executable, "-m", "dagfactory.cli"]
+
+
+def dagfactory(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*DAGFACTORY, *args], cwd=cwd, capture_output=True, text=True, env=os.environ.copy()
+    )
+
+
+def test_schema_prints_the_checked_in_schema():
+    out = dagfactory("schema")
+    assert out.returncode == 0
+    assert out.stdout == (ROOT / "schemas" / "pipeline.schema.json").read_text()
+
+
+def test_validate_the_repo_pipelines():
+    out = dagfactory("validate")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 pipeline file(s) valid" in out.stderr
+
+
+def test_validate_reports_file_line_col_and_exits_1(tmp_path):
+    write_pipeline(tmp_path, "bad", "source: {git: x}\nentrypoint: a.b:c\ncluster: {workers: 0}\n")
+    out = dagfactory("validate", str(tmp_path))
+    assert out.returncode == 1
+    assert f"{tmp_path}/bad.yml:3:20: error: cluster.workers: must be at least 1" in out.stdout
+
+
+def test_render_fills_in_defaults():
+    out = dagfactory("render", "pipelines/wordcount.yml")
+    assert out.returncode == 0
+    spec = json.loads(out.stdout)
+    assert spec["dag_id"] == "wordcount" and spec["cluster"]["idle_timeout"] == "1h"
+
+
+@pytest.mark.e2e
+def test_run_prints_the_result_as_the_last_line(tmp_path, wordcount_repo):
+    path = write_pipeline(
+        tmp_path,
+        "wc",
+        f"""
+        source:
+          git: {wordcount_repo.path}
+          requirements: requirements.txt
+        entrypoint: wordcount.job:main
+        params: {{chunks: 4, top: 2, label: "{{{{ ds }}}}"}}
+        cluster: {{workers: 2, memory: 1GiB}}
+        """,
+    )
+    out = dagfactory("run", str(path), "-p", "chunks=6")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["chunks"] == 6 and result["top"][0] == ["the", 3368]
+    assert len(result["label"]) == 10  # {{ ds }} rendered
+    assert "counting 4000 lines in 6 chunks on 2 workers" in out.stderr
+    assert cluster_processes("wc__cli_") == []
+
+
+@pytest.mark.e2e
+def test_run_of_a_failing_entry_point_exits_non_zero_after_teardown(tmp_path, repo_factory):
+    repo = repo_factory("failing", {"failing_job.py": FAILING_JOB})
+    path = write_pipeline(
+        tmp_path,
+        "fails",
+        f"source: {{git: {repo.path}}}\nentrypoint: failing_job:main\nparams: {{message: x}}\n",
+    )
+    out = dagfactory("run", str(path), "-p", "message=no good")
+    assert out.returncode == 1
+    assert out.stdout == ""
+    assert "failing_job:main raised ValueError: no good" in out.stderr
+    assert "partial result 6" in out.stderr
+    assert out.stderr.index("[dagfactory] teardown") > out.stderr.index("partial result 6")
+    assert cluster_processes("fails__cli_") == []
+
+
+def test_run_refuses_an_undeclared_param(tmp_path):
+    path = write_pipeline(tmp_path, "p", "source: {git: x}\nentrypoint: a.b:c\nparams: {n: 1}\n")
+    out = dagfactory("run", str(path), "-p", "m=2")
+    assert out.returncode == 1
+    assert "-p m: not a param" in out.stderr and "declared params: n" in out.stderr

@@ -1,0 +1,109 @@
+"""Whole DAG runs in a real Airflow (SQLite metadata DB), with real git, venvs and Dask."""
+
+import re
+from collections import Counter
+
+import pytest
+
+from tests.conftest import EXAMPLE, FAILING_JOB, cluster_processes, write_pipeline
+
+pytestmark = pytest.mark.e2e
+
+
+def _expected_wordcount(chunks: int, top: int) -> dict:
+    """Counted here with plain Python, independently of the example's code."""
+    text = (EXAMPLE / "wordcount" / "data" / "corpus.txt").read_text()
+    counts = Counter(re.findall(r"[a-z']+", text.lower()))
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return {
+        "chunks": chunks,
+        "lines": len(text.splitlines()),
+        "total_words": sum(counts.values()),
+        "distinct_words": len(counts),
+        "top": [[w, c] for w, c in ranked[:top]],
+    }
+
+
+def _run_dag(monkeypatch, folder, dag_id: str, conf: dict | None = None):
+    """Parse the loader file the way `airflow dags test` does, sync it to the DB, run it."""
+    from airflow.utils.cli import get_bagged_dag
+
+    monkeypatch.setenv("DAGFACTORY_PIPELINES_DIR", str(folder))
+    dag = get_bagged_dag(None, dag_id)
+    return dag.test(run_conf=conf)
+
+
+def _states(dag_run) -> dict[str, str]:
+    return {ti.task_id.split(".")[-1]: str(ti.state) for ti in dag_run.get_task_instances()}
+
+
+def _xcom(dag_run, task_id: str):
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        row = session.scalars(
+            XComModel.get_many(
+                run_id=dag_run.run_id, dag_ids=dag_run.dag_id, task_ids=task_id, key="return_value"
+            )
+        ).first()
+        return XComModel.deserialize_value(row) if row else None
+
+
+def test_example_dag_runs_green_and_its_result_is_in_xcom(
+    airflow_db, tmp_path, wordcount_repo, monkeypatch
+):
+    path = write_pipeline(
+        tmp_path / "pipelines",
+        "wordcount",
+        f"""
+        source:
+          git: {wordcount_repo.path}
+          requirements: requirements.txt
+        entrypoint: wordcount.job:main
+        params:
+          chunks: 16
+          top: 3
+          label: "day {{{{ ds }}}}"
+        cluster:
+          workers: 2
+          memory: 1GiB
+        """,
+    )
+    dag_run = _run_dag(monkeypatch, path.parent, "wordcount", {"chunks": 12})
+    assert str(dag_run.state) == "success", _states(dag_run)
+    assert _states(dag_run) == dict.fromkeys(
+        ["bootstrap", "cluster_up", "run", "teardown"], "success"
+    )
+    result = _xcom(dag_run, "pipeline.run")
+    label = result.pop("label")
+    assert re.fullmatch(r"day \d{4}-\d{2}-\d{2}", label)  # Jinja rendered at run time
+    assert result == _expected_wordcount(chunks=12, top=3)  # trigger-time override won
+    assert _xcom(dag_run, "pipeline.bootstrap") == {"commit": wordcount_repo.head()}
+    assert cluster_processes("wordcount__") == []
+
+
+def test_failing_entry_point_fails_the_run_and_teardown_still_stops_the_cluster(
+    airflow_db, tmp_path, repo_factory, monkeypatch
+):
+    repo = repo_factory("failing", {"failing_job.py": FAILING_JOB})
+    path = write_pipeline(
+        tmp_path / "pipelines",
+        "failing",
+        f"""
+        source:
+          git: {repo.path}
+        entrypoint: failing_job:main
+        params:
+          message: the input is corrupt
+        cluster:
+          workers: 1
+        """,
+    )
+    dag_run = _run_dag(monkeypatch, path.parent, "failing")
+    assert str(dag_run.state) == "failed"
+    states = _states(dag_run)
+    assert states["run"] == "failed"
+    assert states["cluster_up"] == "success"
+    assert states["teardown"] == "success"
+    assert cluster_processes("failing__") == []
