@@ -22,6 +22,25 @@ def run_key(context: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", raw)
 
 
+def _with_run_dates(context: Any) -> Any:
+    """The context, with ds/ts taken from run_after when the run has no logical date.
+
+    Airflow 3 triggers runs without a logical date by default, which leaves "{{ ds }}"
+    undefined; a pipeline author means "the day of this run" by it.
+    """
+    if context.get("logical_date") is not None:
+        return context
+    when = context["dag_run"].run_after
+    return {
+        **context,
+        "logical_date": when,
+        "ds": when.strftime("%Y-%m-%d"),
+        "ds_nodash": when.strftime("%Y%m%d"),
+        "ts": when.isoformat(),
+        "ts_nodash": when.strftime("%Y%m%dT%H%M%S"),
+    }
+
+
 def _credentials(spec: PipelineSpec) -> Credentials | None:
     if not spec.source.connection:
         return None
@@ -89,7 +108,7 @@ class RunOperator(_PipelineOperator):
         # context["params"] holds trigger-time overrides; strings are Jinja-rendered here so
         # that "{{ ds }}" in a YAML param becomes the run's date.
         declared = {name: context["params"][name] for name in self.spec.params}
-        params = self.render_template(declared, context)
+        params = self.render_template(declared, _with_run_dates(context))
         return steps.run(
             self.spec,
             self.workspace["commit"],
