@@ -33,9 +33,11 @@ def pytest_sessionfinish(session, exitstatus):
 
     from dagfactory.backends.local import KEY_VARIABLE
 
+    # Only this session's clusters: other sessions may be running on the same machine.
     for proc in psutil.process_iter():
         try:
-            if KEY_VARIABLE in proc.environ():
+            env = proc.environ()
+            if KEY_VARIABLE in env and env.get("DAGFACTORY_HOME") == os.environ["DAGFACTORY_HOME"]:
                 proc.kill()
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
