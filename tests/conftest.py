@@ -143,6 +143,7 @@ def cluster_processes(key_fragment: str = "") -> list:
             key = proc.environ().get(KEY_VARIABLE)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-        if key is not None and key_fragment in key and proc.status() != psutil.STATUS_ZOMBIE:
+        mine = key is not None and key.startswith(os.environ["DAGFACTORY_HOME"])
+        if mine and key_fragment in key and proc.status() != psutil.STATUS_ZOMBIE:
             found.append(proc)
     return found

@@ -43,11 +43,16 @@ def cluster_dir(key: str) -> Path:
 
 
 def processes_of(key: str) -> list[psutil.Process]:
-    """Every live process on this host started for the cluster with this key."""
+    """Every live process on this host started for the cluster with this key.
+
+    The marker is the cluster's state folder, not the bare key: two dagfactory homes on one
+    host (two Airflow deployments, two test sessions) may well reuse a DAG id and run id.
+    """
+    marker = str(cluster_dir(key))
     found = []
     for proc in psutil.process_iter():
         try:
-            if proc.environ().get(KEY_VARIABLE) == key:
+            if proc.environ().get(KEY_VARIABLE) == marker:
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
@@ -84,7 +89,7 @@ class LocalBackend:
         state = cluster_dir(context.key)
         state.mkdir(parents=True)
         scheduler_file = state / "scheduler.json"
-        env = {**os.environ, KEY_VARIABLE: context.key, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, KEY_VARIABLE: str(state), "PYTHONUNBUFFERED": "1"}
         if context.code_dir:
             env["PYTHONPATH"] = context.code_dir
         idle = int(parse_duration(spec.idle_timeout).total_seconds())
