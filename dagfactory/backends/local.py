@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 KEY_VARIABLE = "DAGFACTORY_CLUSTER_KEY"
 START_TIMEOUT = 120.0
 DEATH_TIMEOUT = 60
-STOP_GRACE = 2.0
+STOP_GRACE = 0.5
 
 
 def cluster_dir(key: str) -> Path:
