@@ -15,7 +15,7 @@ from pathlib import Path
 
 from airflow.sdk import DAG, TaskGroup, get_parsing_context
 
-from dagfactory.errors import SpecProblem
+from dagfactory.errors import SpecError, SpecProblem
 from dagfactory.load import SUFFIXES, load_files, load_folder, read_defaults
 from dagfactory.operators import (
     BootstrapOperator,
@@ -109,12 +109,9 @@ def build_dags(default_dir: str | Path) -> dict[str, DAG]:
     folder = pipelines_dir(default_dir)
     wanted = get_parsing_context().dag_id
     if wanted:
-        for suffix in SUFFIXES:
-            path = folder / f"{wanted}{suffix}"
-            if path.is_file():
-                result = load_files([(path, str(path))], read_defaults(folder))
-                if [s.dag_id for s in result.specs] == [wanted]:
-                    return {wanted: build_dag(result.specs[0])}
+        dag = _build_one(folder, wanted)
+        if dag is not None:
+            return {wanted: dag}
     result = load_folder(folder)
     dags = {spec.dag_id: build_dag(spec) for spec in result.specs}
     by_file: dict[str, list[SpecProblem]] = {}
@@ -122,6 +119,22 @@ def build_dags(default_dir: str | Path) -> dict[str, DAG]:
         by_file.setdefault(problem.file, []).append(problem)
     for file, problems in by_file.items():
         dag_id = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(file).name.rsplit(".", 1)[0])
-        if dag_id not in dags:
-            dags[dag_id] = build_invalid_dag(dag_id, problems)
+        if dag_id in dags:  # e.g. the file repeats a DAG id that another file defines
+            dag_id = f"{dag_id}__invalid"
+        dags.setdefault(dag_id, build_invalid_dag(dag_id, problems))
     return dags
+
+
+def _build_one(folder: Path, dag_id: str) -> DAG | None:
+    """The DAG of the file named after dag_id, if that file alone gives it; else None."""
+    for suffix in SUFFIXES:
+        path = folder / f"{dag_id}{suffix}"
+        if path.is_file():
+            try:
+                defaults = read_defaults(folder)
+            except SpecError:
+                return None
+            result = load_files([(path, str(path))], defaults)
+            if [s.dag_id for s in result.specs] == [dag_id]:
+                return build_dag(result.specs[0])
+    return None

@@ -6,12 +6,13 @@ them into located problems. Messages say what is wrong and what to write instead
 
 from __future__ import annotations
 
+import difflib
 import posixpath
 import re
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
-from dagfactory.spec import PipelineSpec
+from dagfactory.spec import PipelineSpec, parse_duration, parse_size
 
 FieldPath = tuple[str | int, ...]
 Finding = tuple[FieldPath, str]
@@ -28,8 +29,15 @@ SCHEDULE_PRESETS = (
     "@annually",
 )
 # Refs as git-check-ref-format allows them, minus a leading '-' (it would read as an option).
-_BAD_REF = re.compile(
-    r"(^-)|(^/)|(/$)|(\.\.)|(//)|(@\{)|([\x00-\x20\x7f~^:?*\[\\])|(\.lock$)|(\.$)"
+_REF_RULES = (
+    (re.compile(r"^-"), "it starts with '-' and would be read as an option"),
+    (re.compile(r"[\x00-\x20\x7f]"), "it contains a space or a control character"),
+    (re.compile(r"\.\."), "it contains '..'"),
+    (re.compile(r"@\{"), "it contains '@{'"),
+    (re.compile(r"[~^:?*\[\\]"), "it contains one of ~ ^ : ? * [ \\"),
+    (re.compile(r"^/|/$|//"), "it has an empty part between '/'"),
+    (re.compile(r"(^|/)\.|\.lock(/|$)|\.$"), "a part starts with '.' or ends with '.' or '.lock'"),
+    (re.compile(r"^@$"), "'@' alone is not a ref"),
 )
 
 
@@ -37,13 +45,18 @@ def check_spec(spec: PipelineSpec) -> Iterator[Finding]:
     """Every rule below, in the order a reader meets the fields."""
     yield from _check_source(spec)
     yield from _check_schedule(spec)
+    yield from _check_durations(spec)
+    yield from _check_params(spec)
     yield from _check_cluster(spec)
 
 
 def _check_source(spec: PipelineSpec) -> Iterator[Finding]:
     git = spec.source.git.strip()
     if git.startswith("-"):
-        yield ("source", "git"), f"{git!r} starts with '-' and would be read as an option"
+        yield (
+            ("source", "git"),
+            f"{git!r} starts with '-' and would be read as an option; write a URL or a path",
+        )
     elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]*::", git):
         yield (
             ("source", "git"),
@@ -53,32 +66,64 @@ def _check_source(spec: PipelineSpec) -> Iterator[Finding]:
             ),
         )
     elif "://" in git:
-        url = urlsplit(git)
-        if url.scheme not in ("https", "http", "ssh", "git", "file"):
-            yield (
-                ("source", "git"),
-                (
-                    f"URL scheme {url.scheme!r} is not supported; use https://, ssh://, git://, "
-                    "file:// or a path"
-                ),
-            )
-        if url.username or url.password:
-            yield (
-                ("source", "git"),
-                (
-                    "the URL contains credentials; remove them and put them in an Airflow "
-                    "connection (see 'source.connection' in the README)"
-                ),
-            )
+        yield from _check_url(git)
+    elif (scp := re.match(r"^(?:([^@/:]*)@)?([^@/:]+):", git)) and scp.group(2).startswith("-"):
+        yield (
+            ("source", "git"),
+            f"host {scp.group(2)!r} starts with '-' and would be read as an ssh option",
+        )
     ref = spec.source.ref
-    if ref is not None and (not ref.strip() or _BAD_REF.search(ref)):
+    reason = "it is empty" if ref is not None and not ref.strip() else None
+    for rule, why in _REF_RULES if ref and not reason else ():
+        if rule.search(ref):
+            reason = why
+            break
+    if reason:
         yield (
             ("source", "ref"),
-            (f"{ref!r} is not a valid git ref name; write a branch, a tag or a full commit sha"),
+            (
+                f"{ref!r} is not a valid git ref name ({reason}); write a branch, a tag or a "
+                "full commit sha, e.g. main or v1.2.0"
+            ),
         )
     yield from _check_relative(("source", "subdir"), spec.source.subdir)
     if isinstance(spec.source.requirements, str):
         yield from _check_relative(("source", "requirements"), spec.source.requirements)
+
+
+def _check_url(git: str) -> Iterator[Finding]:
+    try:
+        url = urlsplit(git)
+        host = url.hostname or ""
+    except ValueError as exc:
+        yield ("source", "git"), f"{git!r} is not a valid URL ({exc}); check the host part"
+        return
+    if url.scheme not in ("https", "http", "ssh", "git", "file"):
+        yield (
+            ("source", "git"),
+            (
+                f"URL scheme {url.scheme!r} is not supported; use https://, ssh://, git://, "
+                "file:// or a path"
+            ),
+        )
+        return
+    if host.startswith("-"):
+        yield (
+            ("source", "git"),
+            f"host {host!r} starts with '-' and would be read as an option; write a real host",
+        )
+    # An ssh user name ("git@") is not a secret; anything before '@' in an http(s) URL is
+    # a token or a password in practice.
+    secret = url.password or (url.username if url.scheme in ("https", "http") else None)
+    if secret:
+        yield (
+            ("source", "git"),
+            (
+                "the URL contains credentials; remove them and put them in an Airflow "
+                "connection named by 'source.connection' (its login and password are used "
+                "for https:// remotes)"
+            ),
+        )
 
 
 def _check_relative(path: FieldPath, value: str) -> Iterator[Finding]:
@@ -94,22 +139,49 @@ def _check_schedule(spec: PipelineSpec) -> Iterator[Finding]:
     schedule = spec.schedule
     if schedule is None:
         return
-    if schedule.startswith("@"):
+    if schedule.strip().startswith("@"):
         if schedule not in SCHEDULE_PRESETS:
-            yield (
-                ("schedule",),
-                (f"unknown preset {schedule!r}; use one of {', '.join(SCHEDULE_PRESETS)}"),
-            )
+            close = difflib.get_close_matches(schedule.strip().lower(), SCHEDULE_PRESETS, n=1)
+            presets = ", ".join(SCHEDULE_PRESETS)
+            hint = f"did you mean {close[0]!r}?" if close else f"use one of {presets}"
+            yield ("schedule",), f"unknown preset {schedule!r}; {hint}"
         return
     from croniter import croniter
 
-    if len(schedule.split()) != 5 or not croniter.is_valid(schedule):
+    fields = len(schedule.split())
+    if fields != 5 or not croniter.is_valid(schedule):
+        why = (
+            f"it has {fields} fields, Airflow's cron has 5 (no seconds, no year)"
+            if fields in (6, 7)
+            else "it does not parse as cron"
+        )
         yield (
             ("schedule",),
             (
-                f"{schedule!r} is not a cron expression; write five fields "
+                f"{schedule!r} is not a cron expression ({why}); write five fields "
                 "'minute hour day-of-month month day-of-week', e.g. '0 6 * * 1-5', or a preset "
                 "such as @daily"
+            ),
+        )
+
+
+def _check_durations(spec: PipelineSpec) -> Iterator[Finding]:
+    checks = (
+        (("timeout",), spec.timeout),
+        (("cluster", "idle_timeout"), spec.cluster.idle_timeout),
+    )
+    for path, value in checks:
+        if value is not None and parse_duration(value).total_seconds() == 0:
+            yield path, f"{value!r} is zero; write a duration longer than that, e.g. 30m"
+
+
+def _check_params(spec: PipelineSpec) -> Iterator[Finding]:
+    if "client" in spec.params:
+        yield (
+            ("params", "client"),
+            (
+                "'client' is the Dask client the entry point gets as its first argument; "
+                "give the param another name"
             ),
         )
 
@@ -119,17 +191,22 @@ def _check_cluster(spec: PipelineSpec) -> Iterator[Finding]:
 
     cluster = spec.cluster
     if not backend_exists(cluster.backend):
-        yield (
-            ("cluster", "backend"),
-            (f"unknown backend {cluster.backend!r}; use one of {', '.join(backend_names())}"),
-        )
+        names = backend_names()
+        close = difflib.get_close_matches(cluster.backend, names, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(names)}"
+        yield ("cluster", "backend"), f"unknown backend {cluster.backend!r}; {hint}"
     if cluster.backend == "existing" and not cluster.address:
         yield (
-            ("cluster", "address"),
-            ("the 'existing' backend needs the scheduler's address, e.g. tcp://10.0.0.5:8786"),
+            ("cluster", "backend"),
+            (
+                "the 'existing' backend needs the scheduler's address; add "
+                "'address: tcp://HOST:8786' under cluster"
+            ),
         )
     if cluster.address and not re.match(r"^(tcp|tls|ucx|ws|wss)://[^\s/]+:\d+/?$", cluster.address):
         yield (
             ("cluster", "address"),
             (f"{cluster.address!r} is not a scheduler address; write e.g. tcp://host:8786"),
         )
+    if parse_size(cluster.memory) == 0:
+        yield ("cluster", "memory"), f"{cluster.memory!r} is zero; write e.g. 2GiB"

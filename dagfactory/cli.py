@@ -7,12 +7,14 @@ laptop runs the same way in Airflow.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,13 +23,17 @@ import yaml
 
 from dagfactory.errors import DagfactoryError, SpecError, SpecProblem
 from dagfactory.load import (
+    DEFAULTS_FILE,
     SUFFIXES,
     LoadResult,
+    blocked_by_defaults,
     load_file,
     load_files,
     pipeline_files,
     read_defaults,
+    unique_dag_ids,
 )
+from dagfactory.spec import PipelineSpec
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -39,71 +45,106 @@ def _err(text: str) -> None:
 # --- validate ---------------------------------------------------------------------------------
 
 
-def _collect(paths: list[str]) -> LoadResult:
-    """Load every file named, and every pipeline file of every folder named."""
-    files: list[tuple[Path, str]] = []
-    defaults_by_dir: dict[Path, dict[str, Any]] = {}
-    problems: list[SpecProblem] = []
+class UsageError(Exception):
+    """The command line names something that cannot be validated (exit 2, not 1)."""
+
+
+@dataclass
+class _Folder:
+    """The files to check in one folder, and the name its defaults file is shown by."""
+
+    defaults_shown: str
+    files: dict[Path, str] = field(default_factory=dict)
+
+
+def _collect(paths: list[str]) -> dict[Path, _Folder]:
+    """Every pipeline file named or in a folder named, grouped by folder, shown as given.
+
+    A defaults file named on its own (as pre-commit does when only it changed) brings in every
+    pipeline of its folder: they are what a change to it can break.
+    """
+    folders: dict[Path, _Folder] = {}
+
+    def folder_of(real: Path, shown_dir: str) -> _Folder:
+        return folders.setdefault(real, _Folder(os.path.join(shown_dir, DEFAULTS_FILE)))
+
     for given in paths:
         path = Path(given)
-        if path.is_dir():
-            files += [(p, os.path.join(given, p.name)) for p in pipeline_files(path)]
-        elif path.is_file():
-            files.append((path, given))
-        else:
-            raise FileNotFoundError(given)
-    specs = []
-    for folder in sorted({p.parent for p, _ in files}):
         try:
-            defaults_by_dir[folder] = read_defaults(folder)
+            if path.is_dir():
+                found = pipeline_files(path)
+                if not found:
+                    raise UsageError(f"no pipeline files (*.yml, *.yaml) in {given}")
+                entry = folder_of(path.resolve(), given)
+                for p in found:
+                    entry.files.setdefault(p.resolve(), os.path.join(given, p.name))
+            elif path.is_file() and path.name == DEFAULTS_FILE:
+                shown_dir = os.path.dirname(given)
+                entry = folder_of(path.parent.resolve(), shown_dir)
+                entry.defaults_shown = given
+                for p in pipeline_files(path.parent):
+                    entry.files.setdefault(p.resolve(), os.path.join(shown_dir, p.name))
+            elif path.is_file():
+                entry = folder_of(path.parent.resolve(), os.path.dirname(given))
+                entry.files[path.resolve()] = given
+            else:
+                raise UsageError(f"no such file or folder: {given}")
+        except OSError as exc:
+            raise UsageError(f"cannot read {given}: {exc.strerror}") from None
+    return folders
+
+
+def _validate(folders: dict[Path, _Folder]) -> LoadResult:
+    """Load every collected file with its folder's defaults; DAG ids must be unique across all."""
+    loaded: list[tuple[PipelineSpec, str]] = []
+    problems: list[SpecProblem] = []
+    for real, folder in folders.items():
+        files = list(folder.files.items())
+        try:
+            defaults = read_defaults(real, folder.defaults_shown)
         except SpecError as exc:
-            problems.extend(exc.problems)
-            defaults_by_dir[folder] = {}
-    for folder, defaults in defaults_by_dir.items():
-        result = load_files([f for f in files if f[0].parent == folder], defaults)
-        specs += result.specs
+            problems += [*exc.problems, *blocked_by_defaults(files, exc.problems)]
+            continue
+        result = load_files(files, defaults)
         problems += result.problems
-    seen: dict[str, str] = {}
-    for spec in specs:
-        if spec.dag_id in seen:
-            problems.append(
-                SpecProblem(
-                    spec.origin,
-                    f"DAG id {spec.dag_id!r} is also used by {seen[spec.dag_id]}",
-                    1,
-                    1,
-                    "dag_id",
-                )
-            )
-        seen.setdefault(spec.dag_id, spec.origin)
-    return LoadResult(tuple(specs), tuple(problems))
+        loaded += [(spec, folder.files[Path(spec.origin)]) for spec in result.specs]
+    specs, duplicates = unique_dag_ids(loaded)
+    return LoadResult(tuple(specs), tuple(problems + duplicates))
+
+
+def _github_annotation(problem: SpecProblem) -> str:
+    """A GitHub Actions error annotation; its data and properties have their own escaping."""
+
+    def data(text: str) -> str:
+        return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+    def prop(text: str) -> str:
+        return data(text).replace(":", "%3A").replace(",", "%2C")
+
+    message = f"{problem.field}: {problem.message}" if problem.field else problem.message
+    return (
+        f"::error file={prop(problem.file)},line={problem.line or 1},col={problem.column or 1},"
+        f"title={prop('dagfactory validate')}::{data(message)}"
+    )
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     try:
-        result = _collect(args.paths or ["pipelines"])
-    except FileNotFoundError as exc:
-        _err(f"dagfactory validate: no such file or folder: {exc.args[0]}")
+        folders = _collect(args.paths or ["pipelines"])
+    except UsageError as exc:
+        _err(f"dagfactory validate: {exc}")
         return EXIT_USAGE
+    result = _validate(folders)
     problems = sorted(result.problems, key=lambda p: (p.file, p.line, p.column))
     if args.format == "json":
-        print(json.dumps([p.__dict__ for p in problems], indent=2))
+        print(json.dumps([dataclasses.asdict(p) for p in problems], indent=2))
     else:
         for p in problems:
-            if args.format == "github":
-                print(
-                    f"::error file={p.file},line={p.line or 1},col={p.column or 1}::"
-                    f"{(p.field + ': ') if p.field else ''}{p.message}"
-                )
-            else:
-                print(p)
-        files = len(result.specs) + len({p.file for p in problems})
-        summary = (
-            f"{len(problems)} error(s) in {len({p.file for p in problems})} of {files} file(s)"
-        )
-        print(
-            summary if problems else f"{len(result.specs)} pipeline file(s) valid", file=sys.stderr
-        )
+            print(_github_annotation(p) if args.format == "github" else p)
+        checked = sum(len(f.files) for f in folders.values())
+        bad = len({p.file for p in problems})
+        summary = f"{len(problems)} error(s) in {bad} file(s); {checked} pipeline file(s) checked"
+        _err(summary if problems else f"{checked} pipeline file(s) valid")
     return EXIT_INVALID if problems else EXIT_OK
 
 
@@ -129,8 +170,6 @@ def _load_one(path: str) -> Any:
 
 def cmd_render(args: argparse.Namespace) -> int:
     """Print the spec as the DAG will see it: defaults merged, every field filled in."""
-    import dataclasses
-
     spec = _load_one(args.file)
     print(json.dumps(dataclasses.asdict(spec), indent=2, default=str))
     return EXIT_OK

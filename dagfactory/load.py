@@ -1,6 +1,8 @@
 """Pipeline files in, typed specs and located errors out.
 
-One bad file never hides another: `load_folder` returns every valid spec *and* every problem.
+One bad file never hides another: `load_folder` returns every valid spec *and* every problem,
+and no mistake in a file (nor a bug in a check) escapes as an exception, because in Airflow's
+DAG processor an exception would hide every pipeline of the folder at once.
 """
 
 from __future__ import annotations
@@ -8,12 +10,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import dacite
 import jsonschema
@@ -43,6 +46,36 @@ _TYPE_NAMES = {
     "object": "a mapping",
     "null": "null",
 }
+# Names people bring from other tools, and the key that means the same here.
+_KNOWN_ALIASES = {
+    "branch": "ref",
+    "tag": "ref",
+    "commit": "ref",
+    "sha": "ref",
+    "revision": "ref",
+    "url": "git",
+    "repo": "git",
+    "repository": "git",
+    "path": "subdir",
+    "directory": "subdir",
+    "schedule_interval": "schedule",
+    "cron": "schedule",
+    "entry_point": "entrypoint",
+    "function": "entrypoint",
+    "callable": "entrypoint",
+    "n_workers": "workers",
+    "threads": "cpu",
+    "threads_per_worker": "cpu",
+    "memory_limit": "memory",
+    "scheduler": "address",
+    "scheduler_address": "address",
+    "execution_timeout": "timeout",
+    "arguments": "params",
+    "kwargs": "params",
+    "args": "params",
+}
+_EXAMPLE_VALUES = {"source": "{git: https://github.com/acme/pipelines.git}"}
+_BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "y", "n"}
 
 
 @dataclass(frozen=True)
@@ -70,49 +103,123 @@ def pipeline_files(folder: Path) -> list[Path]:
     )
 
 
-def read_defaults(folder: Path) -> dict[str, Any]:
-    """`defaults.yml` of a pipelines folder, merged under every spec in it (empty if absent)."""
+def read_defaults(folder: Path, shown_as: str | None = None) -> dict[str, Any]:
+    """`defaults.yml` of a pipelines folder, merged under every spec in it (empty if absent).
+
+    It is checked on its own (every key it sets must be valid; none is required), so that a
+    mistake in it is reported at its line in it, not in every pipeline file.
+    """
     path = folder / DEFAULTS_FILE
-    return read_yaml(path).data if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    doc = read_yaml(path, shown_as)
+    data = _jsonable(doc.data)
+    problems = [_problem(doc, f) for f in _schema_findings(data) if not f.missing]
+    if "dag_id" in data:
+        problems.append(
+            _locate(
+                doc,
+                ("dag_id",),
+                "a default dag_id would give every pipeline the same DAG id; set dag_id in "
+                "each pipeline file instead",
+                key=True,
+            )
+        )
+    if problems:
+        raise SpecError(sorted(problems, key=lambda p: (p.line, p.column)))
+    return doc.data
 
 
 def load_folder(folder: str | Path, shown_as: str | None = None) -> LoadResult:
     """Load every pipeline file of a folder; never raises for a user's mistake."""
     folder = Path(folder)
     shown = Path(shown_as) if shown_as is not None else folder
+    files = [(p, str(shown / p.name)) for p in pipeline_files(folder)]
     try:
-        defaults = read_defaults(folder)
+        defaults = read_defaults(folder, str(shown / DEFAULTS_FILE))
     except SpecError as exc:
-        return LoadResult((), exc.problems)
-    return load_files(((p, str(shown / p.name)) for p in pipeline_files(folder)), defaults)
+        return LoadResult((), exc.problems + blocked_by_defaults(files, exc.problems))
+    return load_files(files, defaults)
+
+
+def blocked_by_defaults(
+    files: Iterable[tuple[Path, str]], problems: tuple[SpecProblem, ...]
+) -> tuple[SpecProblem, ...]:
+    """One problem per pipeline file that cannot be loaded because its defaults file is broken.
+
+    Each file gets its own problem so that Airflow shows every affected pipeline as broken,
+    instead of the pipelines silently disappearing.
+    """
+    first = problems[0]
+    return tuple(
+        SpecProblem(
+            shown,
+            f"not loaded because {first.file} is invalid (line {first.line}: {first.message}); "
+            "fix that file first",
+            1,
+            1,
+        )
+        for _, shown in files
+    )
 
 
 def load_files(files: Iterable[tuple[Path, str]], defaults: dict[str, Any]) -> LoadResult:
     """Load (path, name shown in messages) pairs, then check DAG ids are unique across them."""
-    specs: list[PipelineSpec] = []
+    loaded: list[tuple[PipelineSpec, str]] = []
     problems: list[SpecProblem] = []
-    first_seen: dict[str, str] = {}
     for path, shown in files:
         try:
-            spec = load_file(path, defaults, shown_as=shown)
+            loaded.append((load_file(path, defaults, shown_as=shown), shown))
         except SpecError as exc:
             problems.extend(exc.problems)
-            continue
-        if spec.dag_id in first_seen:
+        except Exception as exc:  # a bug in a check must not take the other pipelines down
             problems.append(
                 SpecProblem(
                     shown,
-                    f"DAG id {spec.dag_id!r} is already used by {first_seen[spec.dag_id]}; "
-                    "rename the file or set a different dag_id",
+                    f"dagfactory could not check this file ({type(exc).__name__}: {exc}); "
+                    "this is a bug in dagfactory, please report it",
                     1,
                     1,
-                    "dag_id",
                 )
             )
+    specs, duplicates = unique_dag_ids(loaded)
+    return LoadResult(tuple(specs), tuple(problems + duplicates))
+
+
+def unique_dag_ids(
+    loaded: Iterable[tuple[PipelineSpec, str]],
+) -> tuple[list[PipelineSpec], list[SpecProblem]]:
+    """Keep the first spec of each DAG id; every later one is a problem of its own file."""
+    first_seen: dict[str, str] = {}
+    specs: list[PipelineSpec] = []
+    problems: list[SpecProblem] = []
+    for spec, shown in loaded:
+        if spec.dag_id not in first_seen:
+            first_seen[spec.dag_id] = shown
+            specs.append(spec)
             continue
-        first_seen[spec.dag_id] = shown
-        specs.append(spec)
-    return LoadResult(tuple(specs), tuple(problems))
+        line, column = _dag_id_position(spec, shown)
+        given = "its dag_id" if line > 1 or column > 1 else "its file name"
+        problems.append(
+            SpecProblem(
+                shown,
+                f"DAG id {spec.dag_id!r} (from {given}) is already used by "
+                f"{first_seen[spec.dag_id]}; set a different dag_id or rename the file",
+                line,
+                column,
+                "dag_id",
+            )
+        )
+    return specs, problems
+
+
+def _dag_id_position(spec: PipelineSpec, shown: str) -> tuple[int, int]:
+    """Where the file sets its dag_id; 1:1 when the id comes from the file name."""
+    try:
+        doc = read_yaml(spec.origin, shown)
+    except SpecError:
+        return 1, 1
+    return doc.locate(("dag_id",)) if "dag_id" in doc.data else (1, 1)
 
 
 def load_file(
@@ -122,9 +229,12 @@ def load_file(
     path = Path(path)
     doc = read_yaml(path, shown_as)
     data = _merge(defaults or {}, doc.data)
+    from_file_name = "dag_id" not in data
     data.setdefault("dag_id", path.name.rsplit(".", 1)[0])
     data = _jsonable(data)
-    problems = [_locate(doc, f, m, key) for f, key, m in _schema_findings(data)]
+    problems = [_problem(doc, f) for f in _schema_findings(data)]
+    if from_file_name:
+        problems = [_file_name_problem(p, path) if p.field == "dag_id" else p for p in problems]
     if problems:
         raise SpecError(sorted(problems, key=lambda p: (p.line, p.column)))
     spec = dacite.from_dict(
@@ -139,8 +249,16 @@ def load_file(
     spec = dataclasses.replace(spec, origin=str(path.resolve()))
     problems = [_locate(doc, f, m) for f, m in check_spec(spec)]
     if problems:
-        raise SpecError(problems)
+        raise SpecError(sorted(problems, key=lambda p: (p.line, p.column)))
     return spec
+
+
+def _file_name_problem(problem: SpecProblem, path: Path) -> SpecProblem:
+    return dataclasses.replace(
+        problem,
+        message=f"the DAG id comes from the file name {path.name!r}, and a DAG id may only hold "
+        "letters, digits, '_', '.' and '-'; rename the file or set dag_id",
+    )
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -167,8 +285,18 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _schema_findings(data: dict[str, Any]) -> Iterator[tuple[FieldPath, bool, str]]:
-    """(field path, whether to point at its key, message) for each schema violation."""
+class _Finding(NamedTuple):
+    """One schema violation: the field, where to point, and what to say."""
+
+    field: FieldPath
+    message: str
+    at_key: bool = False
+    missing: bool = False
+    """A required key is absent; it is located at the mapping that lacks it."""
+
+
+def _schema_findings(data: dict[str, Any]) -> Iterator[_Finding]:
+    """Every schema violation of data, in words a person can act on."""
     errors = sorted(_validator().iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
     for error in errors:
         path = tuple(error.absolute_path)
@@ -176,35 +304,76 @@ def _schema_findings(data: dict[str, Any]) -> Iterator[tuple[FieldPath, bool, st
         if error.validator == "additionalProperties":
             allowed = list(error.schema.get("properties", {}))
             for key in sorted(set(error.instance) - set(allowed), key=str):
-                close = difflib.get_close_matches(str(key), allowed, n=1)
-                hint = f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(allowed)}"
-                yield (*path, key), True, f"unknown key {key!r}; {hint}"
+                message = f"unknown key {key!r}; {_suggest(key, allowed)}"
+                yield _Finding((*path, key), message, at_key=True)
         elif error.validator == "required":
             missing = error.message.split("'")[1]
-            yield path, True, f"missing required key {missing!r}"
+            hint = _add_hint(missing, error.schema["properties"].get(missing, {}))
+            message = f"missing required key {missing!r}; {hint}"
+            yield _Finding((*path, missing), message, at_key=True, missing=True)
         elif error.validator == "type":
             expected = error.validator_value
             kinds = [expected] if isinstance(expected, str) else expected
             wanted = " or ".join(_TYPE_NAMES.get(k, k) for k in kinds)
-            yield path, False, f"must be {wanted}, not {_describe(error.instance)}"
+            yield _Finding(path, _type_message(name, kinds, wanted, error.instance))
         elif error.validator == "pattern":
             hint = _PATTERN_HINTS.get(name, f"must match {error.validator_value}")
-            yield path, False, f"{error.instance!r} {hint}"
+            yield _Finding(path, f"{error.instance!r} {hint}")
         elif error.validator in ("minimum", "maximum"):
             word = "at least" if error.validator == "minimum" else "at most"
-            yield path, False, f"must be {word} {error.validator_value}, not {error.instance}"
+            yield _Finding(path, f"must be {word} {error.validator_value}, not {error.instance}")
         elif error.validator == "format" and error.validator_value == "date":
-            yield path, False, f"{error.instance!r} is not a date; write YYYY-MM-DD"
+            message = f"{error.instance!r} is not a date; write YYYY-MM-DD, e.g. 2026-01-31"
+            yield _Finding(path, message)
         elif error.validator == "minLength":
-            yield path, False, "must not be empty"
+            example = (error.schema.get("examples") or [None])[0]
+            hint = f"; write e.g. {name}: {example}" if example else ""
+            yield _Finding(path, f"must not be empty{hint}")
         elif error.validator == "anyOf":
-            yield (
-                path,
-                False,
-                f"must be a string or a list of strings, not {_describe(error.instance)}",
-            )
+            message = f"must be a string or a list of strings, not {_describe(error.instance)}"
+            yield _Finding(path, message)
         else:
-            yield path, False, error.message
+            yield _Finding(path, error.message)
+
+
+def _suggest(key: Any, allowed: list[str]) -> str:
+    alias = _KNOWN_ALIASES.get(str(key).lower())
+    if alias in allowed:
+        return f"did you mean {alias!r}?"
+    close = difflib.get_close_matches(str(key).lower().replace("-", "_"), allowed, n=1)
+    return f"did you mean {close[0]!r}?" if close else f"allowed keys: {', '.join(allowed)}"
+
+
+def _add_hint(missing: str, prop: dict[str, Any]) -> str:
+    if missing in _EXAMPLE_VALUES:
+        return f"add e.g. {missing}: {_EXAMPLE_VALUES[missing]}"
+    if prop.get("examples"):
+        return f"add e.g. {missing}: {prop['examples'][0]}"
+    return f"add {missing}: ..."
+
+
+def _type_message(name: str, kinds: list[str], wanted: str, value: Any) -> str:
+    """'must be X, not Y' plus what to write, for the mistakes YAML makes easy."""
+    message = f"must be {wanted}, not {_describe(value)}"
+    if "string" in kinds and isinstance(value, (int, float, bool)):
+        if name in _PATTERN_HINTS:
+            return f"{message}; it {_PATTERN_HINTS[name]}"
+        return f"{message}; put the value in quotes so YAML keeps it as text"
+    if "integer" in kinds and isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return f"{message}; write the number without quotes"
+    if "integer" in kinds and isinstance(value, float):
+        return f"{message}; write a whole number"
+    if "boolean" in kinds and isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+        return f"{message}; write true or false without quotes"
+    if "array" in kinds and isinstance(value, (str, int, float)):
+        return f"{message}; write a list, e.g. [{value}]"
+    if value is None:
+        return f"{message}; write a value after the ':' or remove the key"
+    if "object" in kinds and name in _EXAMPLE_VALUES:
+        return f"{message}; write e.g. {name}: {_EXAMPLE_VALUES[name]}"
+    if "object" in kinds and name == "params":
+        return f"{message}; write name: value pairs, e.g. params: {{chunks: 64}}"
+    return message
 
 
 def _describe(value: Any) -> str:
@@ -214,8 +383,15 @@ def _describe(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     if value is None:
-        return "null"
+        return "null (an empty value)"
     return f"{kind.get(type(value), type(value).__name__)} ({value!r})"
+
+
+def _problem(doc: YamlFile, finding: _Finding) -> SpecProblem:
+    """The finding located in the file; a missing key at the mapping that should hold it."""
+    at = finding.field[:-1] if finding.missing else finding.field
+    line, column = doc.locate(at, key=finding.at_key and bool(at))
+    return SpecProblem(doc.path, finding.message, line, column, ".".join(map(str, finding.field)))
 
 
 def _locate(doc: YamlFile, path: FieldPath, message: str, key: bool = False) -> SpecProblem:

@@ -3,12 +3,19 @@
 Loading uses libyaml's safe loader when present (it is much faster than the pure-Python one).
 Line/column marks are only needed to report errors, so they are computed on demand by
 composing the document again instead of on every parse.
+
+Everything a hostile or careless file can do is bounded before it costs much: the file size,
+the nesting depth (libyaml's composer recurses in C and would crash the whole DAG processor on
+a deeply nested file), and the size of the document after alias expansion ("billion laughs").
+Every failure is a SpecError with a line a person can go to, never a traceback.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +26,41 @@ from dagfactory.errors import SpecError, SpecProblem
 MAX_FILE_BYTES = 1024 * 1024
 MAX_NODES = 100_000
 """Bound on the size of the document after alias expansion ("billion laughs")."""
+MAX_DEPTH = 100
+"""Bound on nesting; a pipeline needs 3 levels plus whatever its params hold."""
+_SCAN_DEPTH_ABOVE = 1000
+"""Text with fewer structure characters than this cannot nest deep enough to hurt libyaml."""
 
 _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_STANDARD_TAG = "tag:yaml.org,2002:"
 
 
-class _DuplicateKey(yaml.MarkedYAMLError):
-    pass
+class _OwnProblem(yaml.MarkedYAMLError):
+    """A problem our loader words itself (duplicate key, unreadable scalar)."""
 
 
 class _Loader(_SafeLoader):  # type: ignore[misc, valid-type]
-    """Safe loader that refuses duplicate keys in one mapping instead of keeping the last."""
+    """Safe loader that refuses duplicate keys and reports bad scalars with their position."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, OverflowError) as exc:
+            # e.g. `start_date: 2026-02-30` or `!!int abc`: PyYAML raises a bare ValueError.
+            tag = node.tag.replace(_STANDARD_TAG, "!!")
+            what = repr(node.value) if isinstance(node, yaml.ScalarNode) else "this value"
+            message = f"cannot read {what} as {tag}: {exc}"
+            if tag == "!!timestamp":
+                message = f"{what} is not a real date ({exc}); write YYYY-MM-DD"
+            raise _OwnProblem(
+                problem=message,
+                problem_mark=node.start_mark,
+            ) from None
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[Any, yaml.Node] = {}
         for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
+            if key_node.tag == f"{_STANDARD_TAG}merge":
                 continue
             key = self.construct_object(key_node, deep=True)
             try:
@@ -41,7 +68,7 @@ class _Loader(_SafeLoader):  # type: ignore[misc, valid-type]
             except TypeError:
                 continue  # unhashable key: the base constructor reports it
             if first is not key_node:
-                raise _DuplicateKey(
+                raise _OwnProblem(
                     problem=f"duplicate key {key!r} (first defined on line "
                     f"{first.start_mark.line + 1}); remove one of them",
                     problem_mark=key_node.start_mark,
@@ -57,18 +84,23 @@ class YamlFile:
     text: str
     data: dict[str, Any]
 
+    @cached_property
+    def root(self) -> yaml.Node | None:
+        """The composed document; only built when a problem needs a position."""
+        return yaml.compose(self.text, Loader=_SafeLoader)
+
     def locate(self, field_path: Sequence[str | int], key: bool = False) -> tuple[int, int]:
         """1-based (line, column) of the value at field_path (of its key if key=True).
 
         Falls back to the deepest existing parent when the path is not in the document.
         """
-        node = yaml.compose(self.text, Loader=_SafeLoader)
+        node = self.root
         line, column = (1, 1) if node is None else _mark(node)
         for part in field_path:
             child = None
             if isinstance(node, yaml.MappingNode):
                 for key_node, value_node in node.value:
-                    if key_node.value == str(part):
+                    if _is_key(key_node, part):
                         child = key_node if key and part == field_path[-1] else value_node
                         break
             elif (
@@ -84,35 +116,217 @@ class YamlFile:
         return line, column
 
 
+def _is_key(key_node: yaml.Node, part: str | int) -> bool:
+    if not isinstance(key_node, yaml.ScalarNode):
+        return False
+    if isinstance(part, str) and not isinstance(part, bool):
+        return key_node.value == part
+    # A non-string key (`1:`, `on:`): compare what YAML makes of the key text.
+    try:
+        return yaml.safe_load(key_node.value) == part
+    except yaml.YAMLError:
+        return False
+
+
 def _mark(node: yaml.Node) -> tuple[int, int]:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
 
 def _problem(path: str, message: str, mark: Any = None) -> SpecError:
-    line, column = (mark.line + 1, mark.column + 1) if mark is not None else (0, 0)
+    line, column = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
     return SpecError([SpecProblem(path, message, line, column)])
 
 
-def _count_nodes(data: Any, budget: int) -> int:
-    """Walk the expanded document, giving up as soon as it is bigger than the budget."""
-    stack = [data]
+def _position(text: str, index: int) -> tuple[int, int]:
+    """1-based (line, column) of a character offset."""
+    line = text.count("\n", 0, index) + 1
+    return line, index - (text.rfind("\n", 0, index) + 1) + 1
+
+
+# --- bounds ------------------------------------------------------------------------------------
+
+
+def _too_deep(text: str) -> yaml.Mark | None:
+    """Where the text nests deeper than MAX_DEPTH, found without libyaml's recursive composer.
+
+    Every level of nesting needs its own '[', '{', '-', ':' or '?', so a file with few of them
+    is shallow and needs no scan; the scan itself streams parser events, which does not recurse.
+    """
+    if sum(text.count(c) for c in "[{-:?") < _SCAN_DEPTH_ABOVE:
+        return None
+    depth = 0
+    starts = (yaml.SequenceStartEvent, yaml.MappingStartEvent)
+    ends = (yaml.SequenceEndEvent, yaml.MappingEndEvent)
+    try:
+        for event in yaml.parse(text, Loader=_SafeLoader):
+            if isinstance(event, starts):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    return event.start_mark
+            elif isinstance(event, ends):
+                depth -= 1
+    except yaml.YAMLError:
+        return None  # the full load reports syntax errors with better messages
+    return None
+
+
+def _within_bounds(data: Any) -> bool:
+    """Walk the expanded document, giving up as soon as it is too big or too deep."""
+    budget = MAX_NODES
+    stack = [(data, 1)]
     while stack:
-        item = stack.pop()
+        item, depth = stack.pop()
         budget -= 1
-        if budget < 0:
-            return budget
+        if budget < 0 or depth > MAX_DEPTH:
+            return False
         if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
+            stack.extend((k, depth + 1) for k in item)
+            stack.extend((v, depth + 1) for v in item.values())
         elif isinstance(item, list):
-            stack.extend(item)
-    return budget
+            stack.extend((v, depth + 1) for v in item)
+    return True
+
+
+def _expansion_problem(text: str) -> tuple[str, yaml.Mark]:
+    """Explain why the document is too big or too deep, at the node a person should look at.
+
+    Aliases make the composed graph a DAG whose nodes are shared, so the expanded size and
+    height of every node are computed once per node; then we descend from the root into the
+    child that is too big (or too deep) until no child is, and point at that node.
+    """
+    root = yaml.compose(text, Loader=_SafeLoader)
+    size: dict[int, int] = {}
+    height: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in size:
+            continue
+        kids = _children(node)
+        if children_done:
+            size[id(node)] = min(1 + sum(size[id(k)] for k in kids), MAX_NODES + 1)
+            height[id(node)] = 1 + max((height[id(k)] for k in kids), default=0)
+            continue
+        stack.append((node, True))
+        stack.extend((k, False) for k in kids if id(k) not in size)
+    if height[id(root)] > MAX_DEPTH:
+        node, depth = root, 1
+        while depth < MAX_DEPTH:
+            node = max(_children(node), key=lambda k: height[id(k)])
+            depth += 1
+        return f"values are nested more than {MAX_DEPTH} levels deep; flatten them", node.start_mark
+    node = root
+    while True:
+        big = [k for k in _children(node) if size[id(k)] > MAX_NODES]
+        if not big:
+            break
+        node = big[0]
+    return (
+        f"aliases here expand the document to more than {MAX_NODES} values "
+        "(a 'billion laughs' file?); write the values out instead of nesting aliases",
+        node.start_mark,
+    )
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+# --- syntax errors in words ----------------------------------------------------------------------
+
+
+def _explain(exc: yaml.MarkedYAMLError, text: str) -> tuple[str, Any]:
+    """(message, mark) for a YAML error: what is wrong in plain words and what to write."""
+    problem = exc.problem or ""
+    context = exc.context or ""
+    mark = exc.problem_mark
+    at = text[mark.index] if mark is not None and mark.index < len(text) else ""
+    rest = text[mark.index :].split("\n", 1)[0].strip() if mark is not None else ""
+
+    if isinstance(exc, _OwnProblem):
+        return problem, mark
+    if "could not determine a constructor" in problem:
+        tag = problem.split("'")[1].replace(_STANDARD_TAG, "!!") if "'" in problem else "?"
+        return (
+            f"tag {tag!r} is not allowed: pipeline files are plain YAML (no !!python or custom "
+            "tags); write the value itself",
+            mark,
+        )
+    if "cannot start any token" in problem:
+        if at == "\t":
+            return "a tab character; YAML indents with spaces only", mark
+        return f"a value cannot start with {at!r}; put it in quotes: {_quoted(rest)}", mark
+    if context in ("while scanning an alias", "while scanning an anchor"):
+        start = exc.context_mark
+        rest = text[start.index :].split("\n", 1)[0].strip()
+        return (
+            f"a value cannot start with {rest[:1]!r}; put it in quotes: {_quoted(rest)}",
+            start,
+        )
+    if "mapping values are not allowed" in problem:
+        line_start = text.rfind("\n", 0, mark.index) + 1
+        if ": " in text[line_start : mark.index]:
+            value = text[line_start : mark.index].split(": ", 1)[1] + rest
+            return f"the value contains ': '; put it in quotes: {_quoted(value.strip())}", mark
+        return (
+            "a key is indented differently from the keys above it; keys of one mapping must "
+            "line up",
+            mark,
+        )
+    if "did not find expected key" in problem and "block mapping" in context:
+        start = exc.context_mark.line + 1
+        return (
+            f"this line does not line up with the mapping that starts on line {start}; check "
+            "its indentation (or a '- ' item where a 'key: value' belongs)",
+            mark,
+        )
+    if "quoted scalar" in context:
+        return "the quote that starts here is never closed; close it", exc.context_mark
+    if "flow sequence" in context:
+        return "the '[' that starts here is not closed with ']' (or an item lacks a ',')", (
+            exc.context_mark
+        )
+    if "flow mapping" in context:
+        return "the '{' that starts here is not closed with '}' (or an item lacks a ',')", (
+            exc.context_mark
+        )
+    if "found unhashable key" in problem:
+        if text.startswith("{{", exc.context_mark.index):
+            return (
+                "a value starting with '{' is read as a mapping; put Jinja templates in quotes: "
+                f"{_quoted(text[exc.context_mark.index :].split(chr(10), 1)[0].strip())}",
+                exc.context_mark,
+            )
+        return "a key must be a plain value, not a list or a mapping", mark
+    if "found undefined alias" in problem:
+        name = re.match(r"\*?([^\s,\]}]*)", rest)
+        alias = name.group(1) if name else ""
+        return f"alias *{alias} has no anchor &{alias} above it; define it or quote the value", mark
+    if "expected a single document" in f"{context} {problem}":
+        return (
+            "a second document ('---') in the file; one pipeline per file: move it to its own file",
+            mark,
+        )
+    message = " ".join(filter(None, [context, problem])) or "invalid YAML"
+    return message, mark
+
+
+def _quoted(value: str) -> str:
+    value = value.split(" #", 1)[0].strip()
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# --- reading -------------------------------------------------------------------------------------
 
 
 def read_yaml(path: str | Path, shown_as: str | None = None) -> YamlFile:
     """Read and safely parse one YAML file whose top level must be a mapping.
 
-    Raises SpecError (with line and column where YAML gives one) for anything a person must fix.
+    Raises SpecError (with line and column) for anything a person must fix.
     """
     shown = shown_as or str(path)
     try:
@@ -120,32 +334,61 @@ def read_yaml(path: str | Path, shown_as: str | None = None) -> YamlFile:
     except OSError as exc:
         raise _problem(shown, f"cannot read the file: {exc.strerror}") from None
     if len(raw) > MAX_FILE_BYTES:
-        raise _problem(shown, f"file is larger than {MAX_FILE_BYTES // 1024} KiB; split it up")
+        raise _problem(
+            shown,
+            f"file is {len(raw) // 1024} KiB, more than the {MAX_FILE_BYTES // 1024} KiB a "
+            "pipeline file may have; move large data into the repository the pipeline runs",
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        hint = " (it looks like UTF-16)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        problem = SpecProblem(
+            shown,
+            f"byte 0x{raw[exc.start]:02x} is not UTF-8{hint}; save the file as UTF-8",
+            line,
+            column,
+        )
+        raise SpecError([problem]) from None
+    deep = _too_deep(text)
+    if deep is not None:
         raise _problem(
-            shown, f"file is not UTF-8 text (byte {exc.start}); save it as UTF-8"
-        ) from None
+            shown, f"values are nested more than {MAX_DEPTH} levels deep; flatten them", deep
+        )
     try:
         data = yaml.load(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
-        message = " ".join(filter(None, [exc.context, exc.problem])) or "invalid YAML"
-        if exc.problem and "could not determine a constructor" in exc.problem:
-            message = f"{exc.problem.split(chr(10))[0]}: only plain YAML is allowed, no tags"
-        raise _problem(shown, message, exc.problem_mark) from None
+        raise _problem(shown, *_explain(exc, text)) from None
+    except yaml.reader.ReaderError as exc:
+        line, column = _position(text, exc.position)
+        problem = SpecProblem(
+            shown,
+            f"the file contains the control character U+{exc.character:04X}; remove it",
+            line,
+            column,
+        )
+        raise SpecError([problem]) from None
     except yaml.YAMLError as exc:
         raise _problem(shown, f"invalid YAML: {exc}") from None
+    except RecursionError:
+        raise _problem(
+            shown, f"values are nested more than {MAX_DEPTH} levels deep; flatten them"
+        ) from None
     if data is None:
-        raise _problem(shown, "file is empty; a pipeline needs at least 'source' and 'entrypoint'")
-    if not isinstance(data, dict):
         raise _problem(
             shown,
-            f"the top level must be a mapping of keys to values, not a {type(data).__name__}",
+            "file is empty; a pipeline needs at least 'source' (with 'git') and 'entrypoint'",
+        )
+    if not isinstance(data, dict):
+        kind = {list: "list", str: "string"}.get(type(data), type(data).__name__)
+        raise _problem(
+            shown,
+            f"the top level must be a mapping of keys to values (source:, entrypoint:, ...), "
+            f"not a {kind}",
             yaml.compose(text, Loader=_SafeLoader).start_mark,
         )
-    if _count_nodes(data, MAX_NODES) < 0:
-        raise _problem(
-            shown, f"document expands to more than {MAX_NODES} values (aliases nested too deep)"
-        )
+    if not _within_bounds(data):
+        raise _problem(shown, *_expansion_problem(text))
     return YamlFile(shown, text, data)
