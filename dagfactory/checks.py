@@ -94,7 +94,8 @@ def _check_source(spec: PipelineSpec) -> Iterator[Finding]:
 def _check_url(git: str) -> Iterator[Finding]:
     try:
         url = urlsplit(git)
-        host = url.hostname or ""
+        url.port  # noqa: B018 - raises ValueError for a malformed host:port
+        host = url.netloc.rpartition("@")[2]
     except ValueError as exc:
         yield ("source", "git"), f"{git!r} is not a valid URL ({exc}); check the host part"
         return
@@ -151,14 +152,14 @@ def _check_schedule(spec: PipelineSpec) -> Iterator[Finding]:
     fields = len(schedule.split())
     if fields != 5 or not croniter.is_valid(schedule):
         why = (
-            f"it has {fields} fields, Airflow's cron has 5 (no seconds, no year)"
+            f"it has {fields} fields, but Airflow's cron has no seconds or year field"
             if fields in (6, 7)
             else "it does not parse as cron"
         )
         yield (
             ("schedule",),
             (
-                f"{schedule!r} is not a cron expression ({why}); write five fields "
+                f"{schedule!r} is not a cron expression: {why}; write five fields "
                 "'minute hour day-of-month month day-of-week', e.g. '0 6 * * 1-5', or a preset "
                 "such as @daily"
             ),

@@ -267,6 +267,15 @@ def _explain(exc: yaml.MarkedYAMLError, text: str) -> tuple[str, Any]:
             f"a value cannot start with {rest[:1]!r}; put it in quotes: {_quoted(rest)}",
             start,
         )
+    run_on = (
+        _run_on_quote(text, mark) if "expected key" in problem or "mapping" in problem else None
+    )
+    if run_on is not None:
+        return (
+            f"the quote here is not closed on line {run_on.line + 1}, so the value runs on to "
+            f"line {mark.line + 1}; close the quote",
+            run_on,
+        )
     if "mapping values are not allowed" in problem:
         line_start = text.rfind("\n", 0, mark.index) + 1
         if ": " in text[line_start : mark.index]:
@@ -313,6 +322,29 @@ def _explain(exc: yaml.MarkedYAMLError, text: str) -> tuple[str, Any]:
         )
     message = " ".join(filter(None, [context, problem])) or "invalid YAML"
     return message, mark
+
+
+def _run_on_quote(text: str, error: Any) -> Any:
+    """Start of a quoted value that spans lines and ends just before the error, if any.
+
+    An unclosed quote usually closes at the next line's quote, and YAML then complains about
+    that next line; the mistake a person must fix is where the quote started.
+    """
+    last = None
+    try:
+        for token in yaml.scan(text, Loader=_SafeLoader):
+            if token.start_mark.index >= error.index:
+                break
+            last = token
+    except yaml.YAMLError:
+        pass
+    if (
+        isinstance(last, yaml.ScalarToken)
+        and last.style in ("'", '"')
+        and last.start_mark.line < last.end_mark.line
+    ):
+        return last.start_mark
+    return None
 
 
 def _quoted(value: str) -> str:
