@@ -113,9 +113,19 @@ def build_dags(default_dir: str | Path) -> dict[str, DAG]:
         if dag is not None:
             return {wanted: dag}
     result = load_folder(folder)
-    dags = {spec.dag_id: build_dag(spec) for spec in result.specs}
+    dags: dict[str, DAG] = {}
+    problems = list(result.problems)
+    for spec in result.specs:
+        try:
+            dags[spec.dag_id] = build_dag(spec)
+        except Exception as exc:  # one spec must never take every other DAG down with it
+            message = (
+                f"could not build the DAG ({type(exc).__name__}: {exc}); this is a bug in "
+                "dagfactory, please report it"
+            )
+            problems.append(SpecProblem(spec.origin, message, 1, 1))
     by_file: dict[str, list[SpecProblem]] = {}
-    for problem in result.problems:
+    for problem in problems:
         by_file.setdefault(problem.file, []).append(problem)
     for file, problems in by_file.items():
         dag_id = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(file).name.rsplit(".", 1)[0])

@@ -10,6 +10,7 @@ import difflib
 import posixpath
 import re
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 from dagfactory.spec import PipelineSpec, parse_duration, parse_size
@@ -39,6 +40,35 @@ _REF_RULES = (
     (re.compile(r"(^|/)\.|\.lock(/|$)|\.$"), "a part starts with '.' or ends with '.' or '.lock'"),
     (re.compile(r"^@$"), "'@' alone is not a ref"),
 )
+
+
+def check_data(data: dict[str, Any]) -> Iterator[Finding]:
+    """Rules on the raw document that must hold before it can be typed at all."""
+    params = data.get("params")
+    if isinstance(params, dict):
+        yield from _check_json(("params",), params)
+
+
+def _check_json(path: FieldPath, value: Any) -> Iterator[Finding]:
+    """Params travel as JSON (Airflow params, XCom, the entry point's kwargs)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                yield (
+                    (*path, key),
+                    f"the name {key!r} is not text; put it in quotes: '{key}'",
+                )
+            else:
+                yield from _check_json((*path, key), item)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _check_json((*path, index), item)
+    elif value is not None and not isinstance(value, (str, int, float, bool)):
+        yield (
+            path,
+            f"{type(value).__name__} values cannot be params; use text, numbers, true/false, "
+            "null, lists and mappings",
+        )
 
 
 def check_spec(spec: PipelineSpec) -> Iterator[Finding]:

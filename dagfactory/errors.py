@@ -24,9 +24,17 @@ class SpecProblem:
     field: str = ""
 
     def __str__(self) -> str:
+        """`FILE:LINE:COL: error: FIELD: MESSAGE` on one line, whatever characters it holds."""
         where = f"{self.file}:{self.line}:{self.column}" if self.line else self.file
         field = f"{self.field}: " if self.field else ""
-        return f"{where}: error: {field}{self.message}"
+        return _one_line(f"{where}: error: {field}{self.message}")
+
+
+def _one_line(text: str) -> str:
+    """Escape line breaks and control characters, so one problem is always one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class SpecError(DagfactoryError):

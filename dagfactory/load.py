@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import dacite
 import jsonschema
 
-from dagfactory.checks import FieldPath, check_spec
+from dagfactory.checks import FieldPath, check_data, check_spec
 from dagfactory.errors import SpecError, SpecProblem
 from dagfactory.schema import pipeline_schema
 from dagfactory.spec import PipelineSpec
@@ -76,6 +76,9 @@ _KNOWN_ALIASES = {
 }
 _EXAMPLE_VALUES = {"source": "{git: https://github.com/acme/pipelines.git}"}
 _BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "y", "n"}
+
+
+_DACITE = dacite.Config(strict=True, cast=[tuple], type_hooks={date: date.fromisoformat})
 
 
 @dataclass(frozen=True)
@@ -233,19 +236,16 @@ def load_file(
     data.setdefault("dag_id", path.name.rsplit(".", 1)[0])
     data = _jsonable(data)
     problems = [_problem(doc, f) for f in _schema_findings(data)]
+    problems += [_locate(doc, f, m, key=True) for f, m in check_data(data)]
     if from_file_name:
         problems = [_file_name_problem(p, path) if p.field == "dag_id" else p for p in problems]
     if problems:
         raise SpecError(sorted(problems, key=lambda p: (p.line, p.column)))
-    spec = dacite.from_dict(
-        PipelineSpec,
-        data,
-        config=dacite.Config(
-            strict=True,
-            cast=[tuple],
-            type_hooks={date: date.fromisoformat},
-        ),
-    )
+    try:
+        spec = dacite.from_dict(PipelineSpec, data, config=_DACITE)
+    except (dacite.DaciteError, ValueError) as exc:  # the schema should have caught it
+        path = getattr(exc, "field_path", None) or ""
+        raise SpecError([_locate(doc, tuple(path.split(".")), f"invalid value: {exc}")]) from None
     spec = dataclasses.replace(spec, origin=str(path.resolve()))
     problems = [_locate(doc, f, m) for f, m in check_spec(spec)]
     if problems:

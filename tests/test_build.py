@@ -132,3 +132,32 @@ def test_parsing_context_builds_only_the_dag_being_run(pipelines, monkeypatch):
     monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_TASK_ID", "pipeline.run")
     (pipelines / "broken.yml").write_text("not: [valid")
     assert list(build_dags(pipelines)) == ["job_1"]
+
+
+def test_a_file_repeating_another_files_dag_id_is_shown_under_a_marked_name(tmp_path):
+    from dagfactory.build import build_dags
+
+    write_pipeline(tmp_path, "a", "dag_id: b\nsource: {git: x}\nentrypoint: a.b:c\n")
+    write_pipeline(tmp_path, "b", "source: {git: x}\nentrypoint: a.b:c\n")
+    dags = build_dags(tmp_path)
+    assert INVALID_TAG not in dags["b"].tags
+    assert INVALID_TAG in dags["b__invalid"].tags
+    assert "b.yml:1:1: error: dag_id: DAG id 'b' (from its file name)" in dags["b__invalid"].doc_md
+
+
+def test_a_spec_that_fails_to_build_does_not_take_the_others_down(tmp_path, monkeypatch):
+    from dagfactory import build
+
+    write_pipeline(tmp_path, "fine", "source: {git: x}\nentrypoint: a.b:c\n")
+    write_pipeline(tmp_path, "boom", "source: {git: x}\nentrypoint: a.b:c\n")
+    real = build.build_dag
+
+    def flaky(spec):
+        if spec.dag_id == "boom":
+            raise RuntimeError("simulated bug")
+        return real(spec)
+
+    monkeypatch.setattr(build, "build_dag", flaky)
+    dags = build.build_dags(tmp_path)
+    assert INVALID_TAG not in dags["fine"].tags
+    assert "RuntimeError: simulated bug" in dags["boom"].doc_md

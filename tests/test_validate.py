@@ -269,3 +269,50 @@ def test_duplicate_dag_ids_across_folders_name_both_files_as_given(tmp_path):
         "team_b/rollup.yml:1:1: error: dag_id: DAG id 'rollup' (from its file name) is already "
         "used by team_a/rollup.yml; set a different dag_id or rename the file\n"
     )
+
+
+# --- in Airflow: every good DAG loads, every bad file is a visible, marked DAG -------------------
+
+GOOD = """\
+# yaml-language-server: $schema=../schemas/pipeline.schema.json
+schedule: "@daily"
+start_date: 2026-01-01
+source:
+  git: https://github.com/acme/pipelines.git
+  ref: v1.0
+entrypoint: sales.rollup:main
+params: {{day: "{{{{ ds }}}}", n: {n}}}
+"""
+
+
+def test_a_mixed_folder_loads_every_good_dag_and_shows_every_bad_file(tmp_path, monkeypatch):
+    import shutil
+
+    from airflow.dag_processing.dagbag import DagBag
+
+    from dagfactory.build import INVALID_TAG
+
+    folder = tmp_path / "pipelines"
+    folder.mkdir()
+    good = [f"good_{n}" for n in range(5)]
+    for n, name in enumerate(good):
+        (folder / f"{name}.yml").write_text(GOOD.format(n=n))
+    bad = [e for e in ALL if e.path.parent == CORPUS or e.path.parent.name == "duplicate_dag_id"]
+    for e in bad:
+        shutil.copy(e.path, folder / e.path.name)
+    shutil.copy(CORPUS / "duplicate_dag_id" / "a_rollup.yml", folder)
+    monkeypatch.setenv("DAGFACTORY_PIPELINES_DIR", str(folder))
+
+    bag = DagBag(dag_folder=str(ROOT / "dags"), safe_mode=True)
+
+    assert bag.import_errors == {}
+    for name in [*good, "sales_rollup"]:
+        assert INVALID_TAG not in bag.dags[name].tags and "pipeline.run" in bag.dags[name].task_ids
+    for e in bad:
+        dag_id = re.sub(r"[^A-Za-z0-9_.-]+", "_", e.path.stem)
+        dag = bag.dags[dag_id]
+        assert INVALID_TAG in dag.tags
+        assert f"{folder / e.path.name}:{e.line}:{e.column}: error: " in dag.doc_md
+        assert e.fragment in dag.doc_md
+        assert dag.description.startswith("INVALID pipeline file: ")
+    assert len(bag.dags) == len(good) + 1 + len(bad)
