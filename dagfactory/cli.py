@@ -27,6 +27,7 @@ from dagfactory.load import (
     SUFFIXES,
     LoadResult,
     blocked_by_defaults,
+    declared_dag_id,
     load_file,
     load_files,
     pipeline_files,
@@ -98,7 +99,13 @@ def _validate(folders: dict[Path, _Folder]) -> LoadResult:
     """Load every collected file with its folder's defaults; DAG ids must be unique across all."""
     loaded: list[tuple[PipelineSpec, str]] = []
     problems: list[SpecProblem] = []
+    taken: dict[str, str] = {}
     for real, folder in folders.items():
+        # Files not named (pre-commit passes only changed ones) still claim their DAG ids.
+        shown_dir = os.path.dirname(folder.defaults_shown)
+        for other in pipeline_files(real):
+            if other.resolve() not in folder.files and (dag_id := declared_dag_id(other)):
+                taken.setdefault(dag_id, os.path.join(shown_dir, other.name))
         files = list(folder.files.items())
         try:
             defaults = read_defaults(real, folder.defaults_shown)
@@ -108,7 +115,7 @@ def _validate(folders: dict[Path, _Folder]) -> LoadResult:
         result = load_files(files, defaults)
         problems += result.problems
         loaded += [(spec, folder.files[Path(spec.origin)]) for spec in result.specs]
-    specs, duplicates = unique_dag_ids(loaded)
+    specs, duplicates = unique_dag_ids(loaded, taken)
     return LoadResult(tuple(specs), tuple(problems + duplicates))
 
 

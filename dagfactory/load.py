@@ -190,10 +190,13 @@ def load_files(files: Iterable[tuple[Path, str]], defaults: dict[str, Any]) -> L
 
 
 def unique_dag_ids(
-    loaded: Iterable[tuple[PipelineSpec, str]],
+    loaded: Iterable[tuple[PipelineSpec, str]], taken: dict[str, str] | None = None
 ) -> tuple[list[PipelineSpec], list[SpecProblem]]:
-    """Keep the first spec of each DAG id; every later one is a problem of its own file."""
-    first_seen: dict[str, str] = {}
+    """Keep the first spec of each DAG id; every later one is a problem of its own file.
+
+    taken: DAG ids already claimed by files that are not being loaded (name shown by id).
+    """
+    first_seen: dict[str, str] = dict(taken or {})
     specs: list[PipelineSpec] = []
     problems: list[SpecProblem] = []
     for spec, shown in loaded:
@@ -214,6 +217,15 @@ def unique_dag_ids(
             )
         )
     return specs, problems
+
+
+def declared_dag_id(path: Path) -> str | None:
+    """The DAG id a pipeline file claims, read cheaply (None if the file cannot be read)."""
+    try:
+        dag_id = read_yaml(path).data.get("dag_id", path.name.rsplit(".", 1)[0])
+    except SpecError:
+        return None
+    return dag_id if isinstance(dag_id, str) else None
 
 
 def _dag_id_position(spec: PipelineSpec, shown: str) -> tuple[int, int]:

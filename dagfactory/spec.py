@@ -78,10 +78,15 @@ class ClusterSpec:
         "local",
         examples=["local", "existing"],
     )
-    workers: int = doc("Number of Dask workers.", 2, minimum=1, maximum=1000)
-    cpu: int = doc("Threads (local) or vCPUs (cloud) per worker.", 1, minimum=1, maximum=64)
+    workers: int = doc("Number of Dask workers.", 2, minimum=1, maximum=1000, examples=[4])
+    cpu: int = doc(
+        "Threads (local) or vCPUs (cloud) per worker.", 1, minimum=1, maximum=64, examples=[2]
+    )
     memory: str = doc(
-        "Memory per worker, e.g. 2GiB or 512MiB.", "2GiB", pattern=SIZE_PATTERN, examples=["2GiB"]
+        "Memory per worker, e.g. 2GiB or 512MiB.",
+        "2GiB",
+        pattern=SIZE_PATTERN,
+        examples=["2GiB", "512MiB"],
     )
     address: str | None = doc(
         "Scheduler address for the 'existing' backend.",
@@ -109,21 +114,30 @@ class PipelineSpec:
         examples=["wordcount.job:main"],
     )
     dag_id: str = doc(
-        "Airflow DAG id. Default: the file name without .yml/.yaml.",
+        "Airflow DAG id: letters, digits, '_', '.' and '-'. Default: the file name without "
+        ".yml/.yaml. Must be unique across all pipeline files.",
         "",
         pattern=DAG_ID_PATTERN,
+        examples=["sales_rollup"],
     )
-    description: str = doc("One line shown in the Airflow DAG list.", "")
-    owner: str = doc("Owner shown in Airflow.", "dagfactory")
-    tags: tuple[str, ...] = doc("Airflow tags.", tuple)
+    description: str = doc(
+        "One line shown in the Airflow DAG list.", "", examples=["Nightly sales rollup"]
+    )
+    owner: str = doc("Owner shown in Airflow.", "dagfactory", examples=["data-eng"])
+    tags: tuple[str, ...] = doc("Airflow tags.", tuple, examples=[["sales", "nightly"]])
     schedule: str | None = doc(
         "Cron expression or Airflow preset (@daily, @hourly, ...); null runs only when triggered.",
         None,
         examples=["@daily", "0 6 * * 1-5"],
     )
-    start_date: date | None = doc("First logical date of the schedule.", None, format="date")
+    start_date: date | None = doc(
+        "First logical date of the schedule, as YYYY-MM-DD.",
+        None,
+        format="date",
+        examples=["2026-01-01"],
+    )
     catchup: bool = doc("Run the intervals between start_date and now.", False)
-    retries: int = doc("Retries of each task.", 0, minimum=0, maximum=100)
+    retries: int = doc("Retries of each task.", 0, minimum=0, maximum=100, examples=[2])
     timeout: str | None = doc(
         "Execution timeout of the run task, e.g. 1h or 90m.",
         None,
@@ -132,8 +146,10 @@ class PipelineSpec:
     )
     params: dict[str, Any] = doc(
         "Keyword arguments of the entry point. They become Airflow DAG params (overridable at "
-        "trigger time) and strings are rendered with Airflow's Jinja at run time ({{ ds }}).",
+        "trigger time) and strings are rendered with Airflow's Jinja at run time ({{ ds }}). "
+        "Names are text; values are plain JSON data.",
         dict,
+        examples=[{"day": "{{ ds }}", "top": 5}],
     )
     cluster: ClusterSpec = doc("The Dask cluster.", ClusterSpec)
     origin: str = field(default="", metadata={"internal": True})

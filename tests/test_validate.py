@@ -316,3 +316,50 @@ def test_a_mixed_folder_loads_every_good_dag_and_shows_every_bad_file(tmp_path, 
         assert e.fragment in dag.doc_md
         assert dag.description.startswith("INVALID pipeline file: ")
     assert len(bag.dags) == len(good) + 1 + len(bad)
+
+
+def test_a_changed_file_alone_is_checked_against_its_siblings_dag_ids(tmp_path):
+    """pre-commit passes only changed files; a new file must not reuse an old file's DAG id."""
+    folder = tmp_path / "pipelines"
+    write_pipeline(folder, "old", "dag_id: rollup\nsource: {git: x}\nentrypoint: a.b:c\n")
+    write_pipeline(folder, "new", "source: {git: x}\nentrypoint: a.b:c\ndag_id: rollup\n")
+    out = dagfactory("validate", "pipelines/new.yml", cwd=tmp_path)
+    assert out.returncode == 1
+    assert out.stdout.startswith(
+        "pipelines/new.yml:3:9: error: dag_id: DAG id 'rollup' (from its dag_id) is already "
+        "used by pipelines/old.yml"
+    )
+
+
+# --- for pipeline repositories: the pre-commit hook ----------------------------------------------
+
+
+def test_pre_commit_hook_manifest_is_valid_and_runs_validate_on_pipeline_files():
+    import subprocess
+    import sys
+
+    import yaml
+
+    tool = Path(sys.executable).parent / "pre-commit"
+    out = subprocess.run(
+        [str(tool), "validate-manifest", ".pre-commit-hooks.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    (hook,) = yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text())
+    assert hook["id"] == "dagfactory-validate" and hook["entry"] == "dagfactory validate"
+    assert hook["language"] == "python" and hook["pass_filenames"] is True
+    files = re.compile(hook["files"])
+    assert files.search("pipelines/wordcount.yml") and files.search("pipelines/a.yaml")
+    assert not files.search("dags/pipelines.py") and not files.search("pipelines/README.md")
+    # pre-commit runs the entry with the changed files appended.
+    console = Path(sys.executable).parent / hook["entry"].split()[0]
+    run = subprocess.run(
+        [str(console), *hook["entry"].split()[1:], "pipelines/wordcount.yml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
