@@ -92,7 +92,7 @@ def test_idle_timeout_stops_a_cluster_nobody_tore_down(python, tmp_path):
     import time
 
     backend = get_backend("local")
-    spec = ClusterSpec(workers=1, idle_timeout="3s")
+    spec = ClusterSpec(workers=1, idle_timeout="15s")
     backend.up(spec, ClusterContext("t_idle", python, str(tmp_path)))
     deadline = time.monotonic() + 90
     while cluster_processes("t_idle") and time.monotonic() < deadline:

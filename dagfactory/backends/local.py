@@ -73,11 +73,21 @@ def _stop(key: str) -> int:
     return len(procs)
 
 
+class _PortTaken(Exception):
+    """Another process bound a port between our choosing it and the scheduler binding it."""
+
+
 def _log_tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class LocalBackend:
@@ -86,24 +96,34 @@ class LocalBackend:
             raise ClusterError("the local backend needs the pipeline's virtualenv")
         # An earlier attempt of this same run may have died half-way: start from nothing.
         self.down(ClusterHandle("local", context.key, ""))
+        for _attempt in range(3):
+            try:
+                return self._start(spec, context)
+            except _PortTaken:
+                log.info("a port was taken while the cluster started; trying others")
+        raise ClusterError("could not find free ports for the local Dask cluster")
+
+    def _start(self, spec: ClusterSpec, context: ClusterContext) -> ClusterHandle:
         state = cluster_dir(context.key)
         state.mkdir(parents=True)
-        scheduler_file = state / "scheduler.json"
         env = {**os.environ, KEY_VARIABLE: str(state), "PYTHONUNBUFFERED": "1"}
         if context.code_dir:
             env["PYTHONPATH"] = context.code_dir
+        # Ports are chosen here rather than by the scheduler so that the workers know the
+        # address at once and start in parallel with the scheduler: each side spends about a
+        # second importing Dask, and they would otherwise do it one after the other.
+        address = f"tcp://127.0.0.1:{_free_port()}"
+        dashboard = _free_port()
         idle = int(parse_duration(spec.idle_timeout).total_seconds())
         commands = {
             "scheduler": [
                 context.python, "-m", "distributed.cli.dask_scheduler",
-                "--host", "127.0.0.1", "--port", "0",
-                "--dashboard-address", "127.0.0.1:0",
-                "--scheduler-file", str(scheduler_file),
+                "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
+                "--dashboard-address", f"127.0.0.1:{dashboard}",
                 "--idle-timeout", f"{idle}s",
             ],
             "workers": [
-                context.python, "-m", "distributed.cli.dask_worker",
-                "--scheduler-file", str(scheduler_file),
+                context.python, "-m", "distributed.cli.dask_worker", address,
                 "--host", "127.0.0.1",
                 "--nworkers", str(spec.workers),
                 "--nthreads", str(spec.cpu),
@@ -126,56 +146,47 @@ class LocalBackend:
                         env=env,
                         start_new_session=True,
                     )
-            handle = self._wait(spec, context, state, procs)
+            self._wait(spec, state, procs, f"http://127.0.0.1:{dashboard}/json/counts.json")
         except BaseException:
             self.down(ClusterHandle("local", context.key, ""))
             raise
+        handle = ClusterHandle(
+            backend="local",
+            key=context.key,
+            scheduler_address=address,
+            dashboard_link=f"http://127.0.0.1:{dashboard}/status",
+            details={
+                "host": socket.gethostname(),
+                "pids": [p.pid for p in procs.values()],
+                "state_dir": str(state),
+            },
+        )
         (state / "handle.json").write_text(json.dumps(handle.to_json()))
         return handle
 
     def _wait(
-        self,
-        spec: ClusterSpec,
-        context: ClusterContext,
-        state: Path,
-        procs: dict[str, subprocess.Popen],
-    ) -> ClusterHandle:
-        """Block until the scheduler is up and every worker has joined it."""
+        self, spec: ClusterSpec, state: Path, procs: dict[str, subprocess.Popen], counts: str
+    ) -> None:
+        """Block until the scheduler answers and every worker has joined it."""
         deadline = time.monotonic() + START_TIMEOUT
-        info: dict = {}
         workers = -1
         while time.monotonic() < deadline:
             for name, proc in procs.items():
                 if proc.poll() is not None:
+                    tail = _log_tail(state / f"{name}.log")
+                    if "Address already in use" in tail:
+                        raise _PortTaken()
                     raise ClusterError(
                         f"the Dask {name} exited with code {proc.returncode} while starting:\n"
-                        f"{_log_tail(state / f'{name}.log')}"
+                        f"{tail}"
                     )
-            if not info:
-                try:
-                    info = json.loads((state / "scheduler.json").read_text())
-                except (OSError, ValueError):
-                    info = {}
-            if info:
-                port = info.get("services", {}).get("dashboard")
-                url = f"http://127.0.0.1:{port}/json/counts.json"
-                try:
-                    with urllib.request.urlopen(url, timeout=2) as response:
-                        workers = json.load(response)["workers"]
-                except (OSError, ValueError, KeyError):
-                    workers = -1
-                if workers >= spec.workers:
-                    return ClusterHandle(
-                        backend="local",
-                        key=context.key,
-                        scheduler_address=info["address"],
-                        dashboard_link=f"http://127.0.0.1:{port}/status",
-                        details={
-                            "host": socket.gethostname(),
-                            "pids": [p.pid for p in procs.values()],
-                            "state_dir": str(state),
-                        },
-                    )
+            try:
+                with urllib.request.urlopen(counts, timeout=2) as response:
+                    workers = json.load(response)["workers"]
+            except (OSError, ValueError, KeyError):
+                workers = -1
+            if workers >= spec.workers:
+                return
             time.sleep(0.05)
         raise ClusterError(
             f"the local Dask cluster did not get {spec.workers} workers within "
