@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from airflow.sdk import BaseOperator
+from airflow.sdk import BaseOperator, BaseOperatorLink
 
 from dagfactory.spec import PipelineSpec, parse_duration
 from dagfactory.workspace import Credentials
@@ -50,6 +50,20 @@ def _credentials(spec: PipelineSpec) -> Credentials | None:
     return Credentials(conn.login, conn.password)
 
 
+class DaskDashboardLink(BaseOperatorLink):
+    """'Dask dashboard' button on the cluster_up and run tasks of a run.
+
+    Airflow 3 stores the link in XCom when the task finishes (the web server never imports
+    this class), so get_link runs in the task process, where the handle is at hand.
+    """
+
+    name = "Dask dashboard"
+
+    def get_link(self, operator: BaseOperator, *, ti_key: Any) -> str:
+        handle = getattr(operator, "cluster_handle", None) or {}
+        return handle.get("dashboard_link", "") if isinstance(handle, dict) else ""
+
+
 class _PipelineOperator(BaseOperator):
     ui_color = "#e8f0fe"
 
@@ -72,21 +86,24 @@ class ClusterUpOperator(_PipelineOperator):
 
     template_fields = ("workspace",)
     ui_color = "#d5f5e3"
+    operator_extra_links = (DaskDashboardLink(),)
 
     def __init__(self, *, workspace: Any, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.workspace = workspace
+        self.cluster_handle: dict[str, Any] = {}
 
     def execute(self, context: Any) -> dict[str, Any]:
         from dagfactory import steps
 
-        return steps.cluster_up(
+        self.cluster_handle = steps.cluster_up(
             self.spec,
             self.workspace["commit"],
             run_key(context),
             _credentials(self.spec),
             self.log.info,
         )
+        return self.cluster_handle
 
 
 class RunOperator(_PipelineOperator):
@@ -94,6 +111,7 @@ class RunOperator(_PipelineOperator):
 
     template_fields = ("workspace", "cluster")
     ui_color = "#fdebd0"
+    operator_extra_links = (DaskDashboardLink(),)
 
     def __init__(self, *, workspace: Any, cluster: Any, **kwargs: Any) -> None:
         if kwargs.get("execution_timeout") is None and (timeout := kwargs["spec"].timeout):
@@ -101,6 +119,10 @@ class RunOperator(_PipelineOperator):
         super().__init__(**kwargs)
         self.workspace = workspace
         self.cluster = cluster
+
+    @property
+    def cluster_handle(self) -> Any:
+        return self.cluster
 
     def execute(self, context: Any) -> Any:
         from dagfactory import steps

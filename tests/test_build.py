@@ -122,7 +122,11 @@ def test_same_yaml_gives_the_same_serialized_dag_in_two_processes(pipelines):
         for seed in (1, 2)
     ]
     assert outputs[0] == outputs[1]
-    assert json.loads(outputs[0])["dag"]["dag_id"] == "job_0"
+    dag = json.loads(outputs[0])["dag"]
+    assert dag["dag_id"] == "job_0"
+    links = {t["__var"]["task_id"]: t["__var"].get("_operator_extra_links") for t in dag["tasks"]}
+    assert links["pipeline.cluster_up"] == {"Dask dashboard": "_link_DaskDashboardLink"}
+    assert links["pipeline.run"] == {"Dask dashboard": "_link_DaskDashboardLink"}
 
 
 def test_parsing_context_builds_only_the_dag_being_run(pipelines, monkeypatch):

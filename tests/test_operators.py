@@ -37,14 +37,14 @@ def _states(dag_run) -> dict[str, str]:
     return {ti.task_id.split(".")[-1]: str(ti.state) for ti in dag_run.get_task_instances()}
 
 
-def _xcom(dag_run, task_id: str):
+def _xcom(dag_run, task_id: str, key: str = "return_value"):
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
     with create_session() as session:
         row = session.scalars(
             XComModel.get_many(
-                run_id=dag_run.run_id, dag_ids=dag_run.dag_id, task_ids=task_id, key="return_value"
+                run_id=dag_run.run_id, dag_ids=dag_run.dag_id, task_ids=task_id, key=key
             )
         ).first()
         return XComModel.deserialize_value(row) if row else None
@@ -80,6 +80,11 @@ def test_example_dag_runs_green_and_its_result_is_in_xcom(
     assert re.fullmatch(r"day \d{4}-\d{2}-\d{2}", label)  # Jinja rendered at run time
     assert result == _expected_wordcount(chunks=12, top=3)  # trigger-time override won
     assert _xcom(dag_run, "pipeline.bootstrap") == {"commit": wordcount_repo.head()}
+    handle = _xcom(dag_run, "pipeline.cluster_up")
+    assert handle["backend"] == "local" and handle["scheduler_address"].startswith("tcp://")
+    for task in ("pipeline.cluster_up", "pipeline.run"):  # the "Dask dashboard" button
+        link = _xcom(dag_run, task, key="_link_DaskDashboardLink")
+        assert link == handle["dashboard_link"] and link.endswith("/status")
     assert cluster_processes("wordcount__") == []
 
 
