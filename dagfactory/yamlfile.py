@@ -244,11 +244,11 @@ def _explain(exc: yaml.MarkedYAMLError, text: str) -> tuple[str, Any]:
     problem = exc.problem or ""
     context = exc.context or ""
     mark = exc.problem_mark
-    at = text[mark.index] if mark is not None and mark.index < len(text) else ""
-    rest = text[mark.index :].split("\n", 1)[0].strip() if mark is not None else ""
+    if isinstance(exc, _OwnProblem) or mark is None or (exc.context_mark is None and context):
+        return " ".join(filter(None, [context, problem])) or "invalid YAML", mark
+    at = text[mark.index] if mark.index < len(text) else ""
+    rest = text[mark.index :].split("\n", 1)[0].strip()
 
-    if isinstance(exc, _OwnProblem):
-        return problem, mark
     if "could not determine a constructor" in problem:
         tag = problem.split("'")[1].replace(_STANDARD_TAG, "!!") if "'" in problem else "?"
         return (
