@@ -204,8 +204,7 @@ def unique_dag_ids(
             first_seen[spec.dag_id] = shown
             specs.append(spec)
             continue
-        line, column = _dag_id_position(spec, shown)
-        given = "its dag_id" if line > 1 or column > 1 else "its file name"
+        line, column, given = _dag_id_position(spec, shown)
         problems.append(
             SpecProblem(
                 shown,
@@ -228,13 +227,15 @@ def declared_dag_id(path: Path) -> str | None:
     return dag_id if isinstance(dag_id, str) else None
 
 
-def _dag_id_position(spec: PipelineSpec, shown: str) -> tuple[int, int]:
-    """Where the file sets its dag_id; 1:1 when the id comes from the file name."""
+def _dag_id_position(spec: PipelineSpec, shown: str) -> tuple[int, int, str]:
+    """(line, column, where the id comes from) of a file's DAG id, read again on this error path."""
     try:
         doc = read_yaml(spec.origin, shown)
     except SpecError:
-        return 1, 1
-    return doc.locate(("dag_id",)) if "dag_id" in doc.data else (1, 1)
+        return 1, 1, "its file name"
+    if "dag_id" not in doc.data:
+        return 1, 1, "its file name"
+    return (*doc.locate(("dag_id",)), "its dag_id")
 
 
 def load_file(
@@ -256,8 +257,8 @@ def load_file(
     try:
         spec = dacite.from_dict(PipelineSpec, data, config=_DACITE)
     except (dacite.DaciteError, ValueError) as exc:  # the schema should have caught it
-        path = getattr(exc, "field_path", None) or ""
-        raise SpecError([_locate(doc, tuple(path.split(".")), f"invalid value: {exc}")]) from None
+        field = tuple((getattr(exc, "field_path", None) or "").split("."))
+        raise SpecError([_locate(doc, field, f"invalid value: {exc}")]) from None
     spec = dataclasses.replace(spec, origin=str(path.resolve()))
     problems = [_locate(doc, f, m) for f, m in check_spec(spec)]
     if problems:

@@ -69,3 +69,35 @@ def test_one_bad_file_does_not_hide_the_good_ones(tmp_path):
     assert [s.dag_id for s in result.specs] == ["good"]
     assert [Path(p.file).name for p in result.problems] == ["bad.yml"]
     assert result.problems[0].line == 2
+
+
+def test_a_defaults_file_is_checked_at_its_own_lines_and_may_not_set_a_dag_id(tmp_path):
+    (tmp_path / "defaults.yml").write_text("dag_id: shared\ncluster:\n  cpu: 0\n")
+    write_pipeline(tmp_path, "a", MINIMAL)
+    result = load_folder(tmp_path)
+    assert result.specs == ()
+    dag_id, cpu, blocked = result.problems
+    assert (dag_id.file, dag_id.line, dag_id.field) == (str(tmp_path / "defaults.yml"), 1, "dag_id")
+    assert (cpu.line, cpu.column, cpu.field) == (3, 8, "cluster.cpu")
+    assert "every pipeline the same DAG id" in dag_id.message
+    assert blocked.file == str(tmp_path / "a.yml")
+    assert "not loaded because" in blocked.message and "defaults.yml is invalid" in blocked.message
+
+
+def test_a_bug_in_a_check_becomes_a_problem_of_that_file_only(tmp_path, monkeypatch):
+    import dagfactory.load
+
+    write_pipeline(tmp_path, "good", MINIMAL)
+    write_pipeline(tmp_path, "trips", MINIMAL + "description: trips the bug\n")
+
+    def buggy(spec):
+        if spec.description:
+            raise KeyError("oops")
+        return iter(())
+
+    monkeypatch.setattr(dagfactory.load, "check_spec", buggy)
+    result = load_folder(tmp_path)
+    assert [s.dag_id for s in result.specs] == ["good"]
+    (problem,) = result.problems
+    assert problem.file.endswith("trips.yml") and problem.line == 1
+    assert "KeyError" in problem.message and "bug in dagfactory" in problem.message
