@@ -112,3 +112,44 @@ def test_failing_entry_point_fails_the_run_and_teardown_still_stops_the_cluster(
     assert states["cluster_up"] == "success"
     assert states["teardown"] == "success"
     assert cluster_processes("failing__") == []
+
+
+SLEEPY_JOB = """
+import time
+
+
+def main(client):
+    print("going to sleep", flush=True)
+    time.sleep(300)
+"""
+
+
+def test_timeout_stops_the_entry_point_and_the_cluster(
+    airflow_db, tmp_path, repo_factory, monkeypatch
+):
+    import psutil
+
+    repo = repo_factory("sleepy", {"sleepy_job.py": SLEEPY_JOB})
+    path = write_pipeline(
+        tmp_path / "pipelines",
+        "sleepy",
+        f"""
+        timeout: 20s
+        source:
+          git: {repo.path}
+        entrypoint: sleepy_job:main
+        cluster:
+          workers: 1
+        """,
+    )
+    dag_run = _run_dag(monkeypatch, path.parent, "sleepy")
+    states = _states(dag_run)
+    assert str(dag_run.state) == "failed"
+    assert states["run"] == "failed" and states["teardown"] == "success"
+    assert cluster_processes("sleepy__") == []
+    shims = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "sleepy_job:main" in " ".join(p.info["cmdline"] or [])
+    ]
+    assert shims == []
