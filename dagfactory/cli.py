@@ -56,6 +56,8 @@ class _Folder:
 
     defaults_shown: str
     files: dict[Path, str] = field(default_factory=dict)
+    complete: bool = False
+    """Every pipeline file of the folder is in files (the folder itself was named)."""
 
 
 def _collect(paths: list[str]) -> dict[Path, _Folder]:
@@ -77,12 +79,14 @@ def _collect(paths: list[str]) -> dict[Path, _Folder]:
                 if not found:
                     raise UsageError(f"no pipeline files (*.yml, *.yaml) in {given}")
                 entry = folder_of(path.resolve(), given)
+                entry.complete = True
                 for p in found:
                     entry.files.setdefault(p.resolve(), os.path.join(given, p.name))
             elif path.is_file() and path.name == DEFAULTS_FILE:
                 shown_dir = os.path.dirname(given)
                 entry = folder_of(path.parent.resolve(), shown_dir)
                 entry.defaults_shown = given
+                entry.complete = True
                 for p in pipeline_files(path.parent):
                     entry.files.setdefault(p.resolve(), os.path.join(shown_dir, p.name))
             elif path.is_file():
@@ -103,7 +107,7 @@ def _validate(folders: dict[Path, _Folder]) -> LoadResult:
     for real, folder in folders.items():
         # Files not named (pre-commit passes only changed ones) still claim their DAG ids.
         shown_dir = os.path.dirname(folder.defaults_shown)
-        for other in pipeline_files(real):
+        for other in [] if folder.complete else pipeline_files(real):
             if other.resolve() not in folder.files and (dag_id := declared_dag_id(other)):
                 taken.setdefault(dag_id, os.path.join(shown_dir, other.name))
         files = list(folder.files.items())
