@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 KEY_VARIABLE = "DAGFACTORY_CLUSTER_KEY"
 START_TIMEOUT = 120.0
 DEATH_TIMEOUT = 60
-STOP_GRACE = 0.5
+STOP_GRACE = 0.3
 
 
 def cluster_dir(key: str) -> Path:
@@ -59,17 +59,40 @@ def processes_of(key: str) -> list[psutil.Process]:
     return found
 
 
+def _ended(proc: psutil.Process) -> bool:
+    """Gone, or a zombie: it runs no more code, whenever its parent gets round to reaping it."""
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_ended(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    alive = procs
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+        alive = [p for p in alive if not _ended(p)]
+    for proc in procs:  # reap our own children, if any, so they leave no zombie behind
+        with contextlib.suppress(psutil.Error, ChildProcessError):
+            proc.wait(timeout=0)
+    return alive
+
+
 def _stop(key: str) -> int:
-    """SIGTERM everything of the cluster, SIGKILL what is still there after a short grace."""
+    """SIGTERM everything of the cluster, SIGKILL what is still there after a short grace.
+
+    A per-run cluster holds nothing worth a long graceful shutdown: its results are already
+    with the client, its spill files are deleted with its folder.
+    """
     procs = processes_of(key)
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=STOP_GRACE)
-    for proc in alive:
+    for proc in _wait_ended(procs, STOP_GRACE):
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
-    psutil.wait_procs(alive, timeout=5)
+    _wait_ended(procs, 5)
     return len(procs)
 
 
