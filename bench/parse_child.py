@@ -3,8 +3,9 @@
 Run by `bench.parse` under each contender's own interpreter (ours, dag-factory's virtualenv), so
 it imports only the standard library and Airflow. Two modes:
 
-- `processor`: what the DAG processor's child does for a file (`processor._parse_file`): the
-  stability check, `BundleDagBag` (import the file, collect its DAGs) and serializing every DAG.
+- `processor`: what the DAG processor's child does for a file (the steps of
+  `processor._parse_file`): the stability check, `BundleDagBag` (import the file, collect its
+  DAGs) and serializing every DAG.
   Before that, the Airflow modules the file imports are imported, because the DAG processor
   does that once in its long-lived parent before it forks a child per file
   (`parsing_pre_import_modules`). Logs go through the same JSON channel the real child uses,
@@ -39,13 +40,9 @@ def main() -> int:
 
     _configure_logs_over_json_channel(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
     import structlog
-
     from airflow.dag_processing.dagbag import BundleDagBag
-    from airflow.dag_processing.processor import (
-        DagFileParseRequest,
-        _parse_file,
-        _pre_import_airflow_modules,
-    )
+    from airflow.dag_processing.processor import _pre_import_airflow_modules, _serialize_dags
+    from airflow.utils.dag_version_inflation_checker import check_dag_file_stability
 
     log = structlog.get_logger(logger_name="task")
     _pre_import_airflow_modules(dag_file, log)
@@ -59,12 +56,20 @@ def main() -> int:
         profiler.enable()
     cpu_before = time.process_time()
     if mode == "processor":
-        request = DagFileParseRequest(
-            file=dag_file, bundle_path=Path(bundle_path), bundle_name="bench"
+        # processor._parse_file, step by step, so that importing the file and serializing
+        # its DAGs are timed apart.
+        stability = check_dag_file_stability(dag_file)
+        bag = BundleDagBag(
+            dag_folder=dag_file,
+            bundle_path=Path(bundle_path),
+            bundle_name="bench",
+            load_op_links=False,
         )
-        result = _parse_file(request, log)
-        dag_ids = sorted(d.dag_id for d in result.serialized_dags)
-        errors = dict(result.import_errors)
+        imported = time.perf_counter()
+        serialized, serialization_errors = _serialize_dags(bag, log)
+        stability.get_formatted_warnings(bag.dag_ids)
+        dag_ids = sorted(d.dag_id for d in serialized)
+        errors = {**bag.import_errors, **serialization_errors}
     elif mode == "task":
         bag = BundleDagBag(
             dag_folder=dag_file,
@@ -73,6 +78,7 @@ def main() -> int:
             bundle_path=Path(bundle_path),
             bundle_name="bench",
         )
+        imported = time.perf_counter()
         dag_ids = sorted(bag.dags)
         errors = dict(bag.import_errors)
     else:
@@ -83,6 +89,8 @@ def main() -> int:
         profiler.dump_stats(profile_to)
     report = {
         "parse_s": done - ready,
+        "import_s": imported - ready,
+        "serialize_s": done - imported,
         "parse_cpu_s": time.process_time() - cpu_before,
         "setup_s": ready - STARTED,
         "rss_before_kib": rss_before,

@@ -42,7 +42,7 @@ def verdict(value: float, limit: float, lower_is_better: bool = True) -> str:
 
 def seconds(value: float) -> str:
     if value != value:
-        return "–"
+        return "-"
     if value < 0.01:
         return f"{value * 1000:.2f} ms"
     if value < 1:
@@ -53,9 +53,9 @@ def seconds(value: float) -> str:
 
 
 def spread(s: Summary, fmt=seconds) -> str:
-    """'1.23 s (1.10–1.40, n=5)'."""
+    """'1.23 s (1.10-1.40, n=5)'."""
     if not s.n:
-        return "–"
+        return "-"
     if s.n == 1:
         return f"{fmt(s.median)} (n=1)"
-    return f"{fmt(s.median)} ({fmt(s.low)}–{fmt(s.high)}, n={s.n})"
+    return f"{fmt(s.median)} ({fmt(s.low)}-{fmt(s.high)}, n={s.n})"

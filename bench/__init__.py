@@ -1,0 +1,1 @@
+"""Benchmarks of dagfactory against dag-factory, a floor and dynamic task mapping."""
