@@ -24,7 +24,7 @@ from dagfactory.operators import (
     RunOperator,
     TeardownOperator,
 )
-from dagfactory.spec import PipelineSpec
+from dagfactory.spec import PipelineSpec, parse_duration
 
 PIPELINES_DIR_VARIABLE = "DAGFACTORY_PIPELINES_DIR"
 GROUP = "pipeline"
@@ -52,7 +52,11 @@ def build_dag(spec: PipelineSpec) -> DAG:
         bootstrap = BootstrapOperator(task_id="bootstrap", spec=spec)
         cluster_up = ClusterUpOperator(task_id="cluster_up", spec=spec, workspace=bootstrap.output)
         run = RunOperator(
-            task_id="run", spec=spec, workspace=bootstrap.output, cluster=cluster_up.output
+            task_id="run",
+            spec=spec,
+            workspace=bootstrap.output,
+            cluster=cluster_up.output,
+            execution_timeout=parse_duration(spec.timeout) if spec.timeout else None,
         )
         teardown = TeardownOperator(task_id="teardown", spec=spec, cluster=cluster_up.output)
         # Not on_failure_fail_dagrun: with it, Airflow judges the run by the teardown alone

@@ -12,7 +12,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator, BaseOperatorLink
 
-from dagfactory.spec import PipelineSpec, parse_duration
+from dagfactory.spec import PipelineSpec
 from dagfactory.workspace import Credentials
 
 
@@ -65,11 +65,19 @@ class DaskDashboardLink(BaseOperatorLink):
 
 
 class _PipelineOperator(BaseOperator):
+    """What the four tasks share. The subclasses define no __init__ of their own: Airflow
+    wraps every __init__ of an operator class, and each level deep-copies the DAG's params
+    again, which DAG parsing pays for every task of every pipeline."""
+
     ui_color = "#e8f0fe"
 
-    def __init__(self, *, spec: PipelineSpec, **kwargs: Any) -> None:
+    def __init__(
+        self, *, spec: PipelineSpec, workspace: Any = None, cluster: Any = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.spec = spec
+        self.workspace = workspace  # bootstrap's XCom: {"commit": sha}
+        self.cluster = cluster  # cluster_up's XCom: the cluster handle
 
 
 class BootstrapOperator(_PipelineOperator):
@@ -87,11 +95,7 @@ class ClusterUpOperator(_PipelineOperator):
     template_fields = ("workspace",)
     ui_color = "#d5f5e3"
     operator_extra_links = (DaskDashboardLink(),)
-
-    def __init__(self, *, workspace: Any, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.workspace = workspace
-        self.cluster_handle: dict[str, Any] = {}
+    cluster_handle: dict[str, Any] | None = None
 
     def execute(self, context: Any) -> dict[str, Any]:
         from dagfactory import steps
@@ -112,13 +116,6 @@ class RunOperator(_PipelineOperator):
     template_fields = ("workspace", "cluster")
     ui_color = "#fdebd0"
     operator_extra_links = (DaskDashboardLink(),)
-
-    def __init__(self, *, workspace: Any, cluster: Any, **kwargs: Any) -> None:
-        if kwargs.get("execution_timeout") is None and (timeout := kwargs["spec"].timeout):
-            kwargs["execution_timeout"] = parse_duration(timeout)
-        super().__init__(**kwargs)
-        self.workspace = workspace
-        self.cluster = cluster
 
     @property
     def cluster_handle(self) -> Any:
@@ -146,10 +143,6 @@ class TeardownOperator(_PipelineOperator):
 
     template_fields = ("cluster",)
     ui_color = "#fadbd8"
-
-    def __init__(self, *, cluster: Any, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.cluster = cluster
 
     def execute(self, context: Any) -> None:
         from dagfactory import steps
