@@ -117,17 +117,16 @@ def write_pipeline(folder: Path, name: str, text: str) -> Path:
     return path
 
 
+# The metadata DB is migrated before any test module imports Airflow: an Airflow imported
+# (and its ORM set up) before the migration never sees the migrated tables in this process.
+subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
+
+
 @pytest.fixture(scope="session")
 def airflow_db():
-    """A migrated SQLite metadata DB in the session's AIRFLOW_HOME."""
-    subprocess.run(
-        [sys.executable, "-m", "airflow", "db", "migrate"],
-        check=True,
-        capture_output=True,
-    )
+    """The session's migrated SQLite metadata DB (see above), for tests that need it."""
     from airflow import settings
 
-    settings.configure_orm()
     return settings
 
 
