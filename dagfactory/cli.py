@@ -1,4 +1,4 @@
-"""`dagfactory validate | schema | render | run`.
+"""`dagfactory validate | schema | render | run | new`.
 
 `run` goes through the same steps as the Airflow tasks (`steps.py`), so a pipeline that runs on a
 laptop runs the same way in Airflow.
@@ -263,6 +263,53 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- new -------------------------------------------------------------------------------------
+
+_NEW_TEMPLATE = """\
+{schema_line}description: {description}
+schedule: null                # cron, a preset such as "@daily", or null: only when triggered
+source:
+  git: {git}
+  # ref: main                 # branch, tag or commit; default: the remote's HEAD
+  # requirements: requirements.txt
+entrypoint: {entrypoint}
+params: {{}}                    # keyword arguments of the entry point
+cluster:
+  backend: local              # local | existing (with address: tcp://host:8786)
+  workers: 2
+  cpu: 1
+  memory: 2GiB
+"""
+
+
+def cmd_new(args: argparse.Namespace) -> int:
+    """Write a commented pipeline file that validates as it is."""
+    folder = Path(args.dir)
+    target = folder / f"{args.name}.yml"
+    if target.exists():
+        raise UsageError(f"{target} exists already; pick another name or edit it")
+    schema = Path("schemas") / "pipeline.schema.json"
+    schema_line = ""
+    if schema.is_file():
+        relative = os.path.relpath(schema.resolve(), folder.resolve())
+        schema_line = f"# yaml-language-server: $schema={relative}\n"
+    text = _NEW_TEMPLATE.format(
+        schema_line=schema_line,
+        description=json.dumps(args.description or f"The {args.name} pipeline"),
+        git=json.dumps(args.git),
+        entrypoint=args.entrypoint,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    try:
+        load_file(target, read_defaults(folder), shown_as=str(target))
+    except SpecError:
+        target.unlink()
+        raise
+    print(target)
+    return EXIT_OK
+
+
 def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -286,6 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("file")
     p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE", help="override a param")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("new", help="write a new pipeline file to start from")
+    p.add_argument("name", help="the file name, and so the DAG id")
+    p.add_argument("--git", required=True, help="URL or path of the code's git repository")
+    p.add_argument("--entrypoint", required=True, metavar="MODULE:FUNCTION")
+    p.add_argument("--description", default="")
+    p.add_argument("--dir", default="pipelines", help="the pipelines folder (default: pipelines)")
+    p.set_defaults(func=cmd_new)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     signal.signal(signal.SIGTERM, _terminate)
@@ -296,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INVALID
     except FileNotFoundError as exc:
         _err(f"dagfactory {args.command}: no such pipeline file: {exc.args[0]}")
+        return EXIT_USAGE
+    except UsageError as exc:
+        _err(f"dagfactory {args.command}: {exc}")
         return EXIT_USAGE
     except DagfactoryError as exc:
         _err(f"dagfactory {args.command}: error: {exc}")

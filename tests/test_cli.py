@@ -90,3 +90,31 @@ def test_run_refuses_an_undeclared_param(tmp_path):
     out = dagfactory("run", str(path), "-p", "m=2")
     assert out.returncode == 1
     assert "-p m: not a param" in out.stderr and "declared params: n" in out.stderr
+
+
+def test_new_writes_a_pipeline_that_validates(tmp_path):
+    out = dagfactory(
+        "new", "daily_sales", "--git", "https://example.com/acme/sales.git",
+        "--entrypoint", "sales.jobs:rollup", "--dir", str(tmp_path / "pipelines"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    path = tmp_path / "pipelines" / "daily_sales.yml"
+    assert out.stdout.strip() == str(path)
+    text = path.read_text()
+    assert text.startswith("# yaml-language-server: $schema=")
+    schema_ref = text.splitlines()[0].split("=", 1)[1]
+    assert (path.parent / schema_ref).resolve() == ROOT / "schemas" / "pipeline.schema.json"
+    assert dagfactory("validate", str(path)).returncode == 0
+    again = dagfactory(
+        "new", "daily_sales", "--git", "x", "--entrypoint", "a:b", "--dir", str(path.parent)
+    )
+    assert again.returncode == 2 and "exists already" in again.stderr
+
+
+def test_new_refuses_what_would_not_validate(tmp_path):
+    out = dagfactory(
+        "new", "bad", "--git", "ext::sh -c id", "--entrypoint", "a:b", "--dir", str(tmp_path)
+    )
+    assert out.returncode == 1
+    assert "remote helper" in out.stderr
+    assert not (tmp_path / "bad.yml").exists()
