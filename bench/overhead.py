@@ -23,10 +23,15 @@ CHILD = Path(__file__).with_name("overhead_child.py")
 BASE = WORK / "overhead"
 
 
-def _child(home: Path, *args: str, timeout: float = 1200) -> dict:
+def _child(home: Path, *args: str, timeout: float = 1200, bytecode: bool = True) -> dict:
     result = BASE / "result.json"
     result.unlink(missing_ok=True)
     env = airflow_env(WORK / "airflow-overhead", DAGFACTORY_HOME=str(home))
+    if not bytecode:
+        # As this machine runs everything by default: nothing may write .pyc files, and the
+        # virtualenvs uv makes ship none, so each Dask process compiles what it imports.
+        env.pop("PYTHONPYCACHEPREFIX", None)
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
     pipeline = fanout.PIPELINES / "fanout_100.yml"
     cmd = [PYTHON, str(CHILD), args[0], str(pipeline), str(result), *args[1:]]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -83,6 +88,15 @@ def run(
         ups = ", ".join(f"{run['up_s']:.2f}" for run in runs)
         downs = ", ".join(f"{run['down_s']:.2f}" for run in runs)
         log(f"cluster {workers} worker(s): up {ups} s; down {downs} s")
+
+    if 2 in worker_counts:
+        r = _child(warm_home, "cluster", "2", str(cluster_repeats), bytecode=False)
+        results["cluster_no_bytecode"] = {
+            part: summarize([run[part] for run in r["runs"]]).to_json()
+            for part in ("up_s", "down_s")
+        }
+        ups = ", ".join(f"{run['up_s']:.2f}" for run in r["runs"])
+        log(f"cluster 2 worker(s), no bytecode cache: up {ups} s")
 
     r = _child(warm_home, "first-line", str(first_line_repeats))
     results["first_line"] = {
