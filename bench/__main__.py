@@ -212,6 +212,7 @@ KEY_FUNCTIONS = {
     ("airflow/dag_processing/dagbag.py", "collect_dags"): "import",
     ("airflow/dag_processing/processor.py", "_serialize_dags"): "serialize",
     ("airflow/sdk/definitions/param.py", "resolve"): "param_resolve",
+    ("jsonschema/validators.py", "check_schema"): "check_schema",
     ("airflow/sdk/definitions/dag.py", "_validate_params"): "dag_validate_params",
     ("airflow/sdk/bases/operator.py", "get_merged_defaults"): "merge_defaults",
 }

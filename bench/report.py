@@ -808,7 +808,9 @@ def _reading(profiles: dict, full: dict, n: int) -> str:
   it is `Param.resolve` (`jsonschema.validate`, which checks the param's schema itself every
   time): {per_dag(ours, "param_resolve")} calls per DAG for ours, {per_dag(theirs, "param_resolve")}
   for dag-factory ({cum(ours, "param_resolve")} and {cum(theirs, "param_resolve")} in all,
-  serialization and building together). Airflow re-validates each of the three DAG params for
+  serialization and building together), and most of that is `check_schema`
+  ({cum(ours, "check_schema")} for ours): checking each param's schema against the JSON Schema
+  meta-schema, again on every call. Airflow re-validates each of the three DAG params for
   every task it serializes (`Param.dump`) and again when it compares task params with the DAG's
   (`_is_excluded` -> `ParamsDict.__eq__`).
 - **Importing the loader file** is `collect_dags`: {cum(ours, "import")} for ours,
@@ -825,9 +827,10 @@ def _reading(profiles: dict, full: dict, n: int) -> str:
 
 What it would take to meet the failing parse goal (0.5x dag-factory on the whole parse): the
 floor, which validates nothing, is already at {x(floor_share)} of dag-factory, because both
-pay Airflow's serialization in full. Only Airflow can remove that cost: cache a validator per
-param schema and skip `check_schema` for the schemas it builds itself (in
-`airflow/sdk/definitions/param.py`, `Param.resolve`), or stop resolving params to compare them
+pay Airflow's serialization in full. Only Airflow can remove that cost: in
+`airflow/sdk/definitions/param.py`, `Param.resolve` calls `jsonschema.validate`, which checks
+the schema itself on every call; a validator built once per schema (`check_schema` once) would
+remove most of it, as would not resolving params just to compare them
 (`serialized_objects._is_excluded`). On the part dagfactory controls (importing the loader
 file) it is at {x(import_share)} of dag-factory, against the same 0.5x goal."""
 
