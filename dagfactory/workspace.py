@@ -294,12 +294,18 @@ def virtualenv(requirements: list[str], output: Callable[[str], None] = log.info
         python = str(venv / "bin" / "python")
         if uv:
             _run([*uv, "venv", "--quiet", "--python", sys.executable, str(venv)], "uv venv", output)
-            install = [*uv, "pip", "install", "--python", python, "-r", str(req_file)]
+            # Bytecode now, not at every start: each cluster start imports Dask afresh in
+            # several processes, and hosts that set PYTHONDONTWRITEBYTECODE (or whose venvs
+            # are read-only) would otherwise compile it from source every time.
+            install = [*uv, "pip", "install", "--compile-bytecode", "--python", python]
+            install += ["-r", str(req_file)]
         else:
             _run([sys.executable, "-m", "venv", str(venv)], "python -m venv", output)
             install = [python, "-m", "pip", "install", "--disable-pip-version-check"]
             install += ["-r", str(req_file)]
         _run(install, "installing the pipeline's requirements", output)
+        if not uv:
+            _run([python, "-m", "compileall", "-q", str(venv)], "compiling bytecode", output)
         (venv / _COMPLETE).write_text("\n".join(requirements) + "\n")
     return venv
 

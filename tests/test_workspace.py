@@ -137,6 +137,8 @@ def test_second_prepare_reuses_checkout_and_venv(tmp_path, wordcount_repo):
         check=True,
     )
     assert check.stdout.strip() == str(first.venv_dir)
+    # compiled at install time: cluster processes need not compile Dask at every start
+    assert list(first.venv_dir.glob("lib/python*/site-packages/distributed/__pycache__/*.pyc"))
 
 
 @pytest.mark.e2e
