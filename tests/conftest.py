@@ -122,6 +122,24 @@ def write_pipeline(folder: Path, name: str, text: str) -> Path:
 subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
 
 
+def write_wordcount_pipeline(
+    folder: Path, repo: GitRepo, chunks: int, top: int, label: str, name: str = "wordcount"
+) -> Path:
+    """A pipeline file running the wordcount example from `repo` on 2 local workers."""
+    return write_pipeline(
+        folder,
+        name,
+        f"""
+        source:
+          git: {repo.path}
+          requirements: requirements.txt
+        entrypoint: wordcount.job:main
+        params: {{chunks: {chunks}, top: {top}, label: "{label}"}}
+        cluster: {{workers: 2, memory: 1GiB}}
+        """,
+    )
+
+
 @pytest.fixture(scope="session")
 def airflow_db():
     """The session's migrated SQLite metadata DB (see above), for tests that need it."""

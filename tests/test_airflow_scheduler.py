@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cluster_processes, write_pipeline
+from tests.conftest import ROOT, cluster_processes, write_wordcount_pipeline
 
 pytestmark = pytest.mark.e2e
 
@@ -28,18 +28,7 @@ def _free_port() -> int:
 def airflow_services(tmp_path, wordcount_repo):
     port = _free_port()
     pipelines = tmp_path / "pipelines"
-    write_pipeline(
-        pipelines,
-        "wordcount",
-        f"""
-        source:
-          git: {wordcount_repo.path}
-          requirements: requirements.txt
-        entrypoint: wordcount.job:main
-        params: {{chunks: 8, top: 2, label: "{{{{ ds }}}}"}}
-        cluster: {{workers: 2, memory: 1GiB}}
-        """,
-    )
+    write_wordcount_pipeline(pipelines, wordcount_repo, chunks=8, top=2, label="{{ ds }}")
     env = {
         **os.environ,
         "AIRFLOW_HOME": str(tmp_path / "airflow"),

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAILING_JOB, ROOT, cluster_processes, write_pipeline
+from tests.conftest import (
+    FAILING_JOB,
+    ROOT,
+    cluster_processes,
+    write_pipeline,
+    write_wordcount_pipeline,
+)
 
 DAGFACTORY = [sys.executable, "-m", "dagfactory.cli"]
 
@@ -47,17 +53,8 @@ def test_render_fills_in_defaults():
 
 @pytest.mark.e2e
 def test_run_prints_the_result_as_the_last_line(tmp_path, wordcount_repo):
-    path = write_pipeline(
-        tmp_path,
-        "wc",
-        f"""
-        source:
-          git: {wordcount_repo.path}
-          requirements: requirements.txt
-        entrypoint: wordcount.job:main
-        params: {{chunks: 4, top: 2, label: "{{{{ ds }}}}"}}
-        cluster: {{workers: 2, memory: 1GiB}}
-        """,
+    path = write_wordcount_pipeline(
+        tmp_path, wordcount_repo, chunks=4, top=2, label="{{ ds }}", name="wc"
     )
     out = dagfactory("run", str(path), "-p", "chunks=6")
     assert out.returncode == 0, out.stderr

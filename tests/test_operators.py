@@ -5,7 +5,13 @@ from collections import Counter
 
 import pytest
 
-from tests.conftest import EXAMPLE, FAILING_JOB, cluster_processes, write_pipeline
+from tests.conftest import (
+    EXAMPLE,
+    FAILING_JOB,
+    cluster_processes,
+    write_pipeline,
+    write_wordcount_pipeline,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -53,22 +59,8 @@ def _xcom(dag_run, task_id: str, key: str = "return_value"):
 def test_example_dag_runs_green_and_its_result_is_in_xcom(
     airflow_db, tmp_path, wordcount_repo, monkeypatch
 ):
-    path = write_pipeline(
-        tmp_path / "pipelines",
-        "wordcount",
-        f"""
-        source:
-          git: {wordcount_repo.path}
-          requirements: requirements.txt
-        entrypoint: wordcount.job:main
-        params:
-          chunks: 16
-          top: 3
-          label: "day {{{{ ds }}}}"
-        cluster:
-          workers: 2
-          memory: 1GiB
-        """,
+    path = write_wordcount_pipeline(
+        tmp_path / "pipelines", wordcount_repo, chunks=16, top=3, label="day {{ ds }}"
     )
     dag_run = _run_dag(monkeypatch, path.parent, "wordcount", {"chunks": 12})
     assert str(dag_run.state) == "success", _states(dag_run)
