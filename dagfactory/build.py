@@ -11,9 +11,10 @@ import os
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
-from airflow.sdk import DAG, TaskGroup, get_parsing_context
+from airflow.sdk import DAG, Param, TaskGroup, get_parsing_context
 
 from dagfactory.errors import SpecError, SpecProblem
 from dagfactory.load import SUFFIXES, load_files, load_folder, read_defaults
@@ -23,7 +24,9 @@ from dagfactory.operators import (
     InvalidSpecOperator,
     RunOperator,
     TeardownOperator,
+    release_cluster,
 )
+from dagfactory.params import json_schema
 from dagfactory.spec import PipelineSpec, parse_duration
 
 PIPELINES_DIR_VARIABLE = "DAGFACTORY_PIPELINES_DIR"
@@ -42,9 +45,19 @@ def build_dag(spec: PipelineSpec) -> DAG:
             start_date=datetime(start.year, start.month, start.day, tzinfo=UTC) if start else None,
             catchup=spec.catchup,
             tags=sorted({"dagfactory", *spec.tags}),
-            params=dict(spec.params),
+            params={
+                name: Param(param.default, **json_schema(param))
+                for name, param in spec.param_specs.items()
+            },
             doc_md=_doc(spec),
-            default_args={"owner": spec.owner, "retries": spec.retries},
+            default_args={
+                "owner": spec.owner,
+                "retries": spec.retries,
+                "retry_delay": parse_duration(spec.retry_delay),
+                "retry_exponential_backoff": spec.retry_exponential_backoff,
+            },
+            dagrun_timeout=parse_duration(spec.dagrun_timeout) if spec.dagrun_timeout else None,
+            on_failure_callback=partial(release_cluster, spec),
             max_active_tasks=4,
         ) as dag,
         TaskGroup(GROUP, tooltip=f"{spec.entrypoint} on a {spec.cluster.backend} cluster"),
@@ -93,7 +106,7 @@ def _doc(spec: PipelineSpec) -> str:
         ("requirements", f"`{reqs if isinstance(reqs, str) else json.dumps(reqs)}`"),
         ("cluster", f"{spec.cluster.backend}: {spec.cluster.workers} workers x "
                     f"{spec.cluster.cpu} cpu, {spec.cluster.memory}"),
-        ("params", f"`{json.dumps(spec.params, sort_keys=True, default=str)}`"),
+        ("params", f"`{json.dumps(spec.param_defaults, sort_keys=True, default=str)}`"),
         ("file", f"`{Path(spec.origin).name}`"),
     ]  # fmt: skip
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)

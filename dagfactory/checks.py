@@ -7,6 +7,7 @@ them into located problems. Messages say what is wrong and what to write instead
 from __future__ import annotations
 
 import difflib
+import keyword
 import posixpath
 import re
 from collections.abc import Iterator
@@ -43,10 +44,42 @@ _REF_RULES = (
 
 
 def check_data(data: dict[str, Any]) -> Iterator[Finding]:
-    """Rules on the raw document that must hold before it can be typed at all."""
+    """Rules on the raw document: what the typed spec can no longer tell (was a key written?)."""
     params = data.get("params")
     if isinstance(params, dict):
         yield from _check_json(("params",), params)
+        yield from _check_param_forms(params)
+    cluster = data.get("cluster")
+    if isinstance(cluster, dict) and cluster.get("backend") == "existing":
+        for key in ("workers", "cpu", "memory"):
+            if key in cluster:
+                yield (
+                    ("cluster", key),
+                    f"the 'existing' backend uses the cluster as it is; '{key}' has no effect "
+                    "there: remove it, or size the cluster where it is started",
+                )
+
+
+def _check_param_forms(params: dict[str, Any]) -> Iterator[Finding]:
+    from dagfactory.params import is_long_form, param_spec, schema_problems
+
+    for name, value in params.items():
+        if not isinstance(name, str):
+            continue
+        if not name.isidentifier() or keyword.iskeyword(name):
+            yield (
+                ("params", name),
+                f"{name!r} cannot be a keyword argument of the entry point; use letters, "
+                "digits and '_', not starting with a digit",
+            )
+        if not is_long_form(value) or not isinstance(value.get("type", "string"), (str, list)):
+            continue
+        try:
+            spec = param_spec(value)
+        except TypeError:
+            continue  # an unknown keyword: the schema reports it, with a suggestion
+        for field, message in schema_problems(name, spec):
+            yield (("params", name, field) if field else ("params", name)), message
 
 
 def _check_json(path: FieldPath, value: Any) -> Iterator[Finding]:

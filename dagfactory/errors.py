@@ -62,3 +62,7 @@ class ClusterError(DagfactoryError):
 
 class EntrypointError(DagfactoryError):
     """The pipeline's entry point raised, or returned something that is not JSON."""
+
+
+class ParamError(DagfactoryError):
+    """A run was given a param value its pipeline does not declare or allow."""

@@ -33,8 +33,10 @@ SUFFIXES = (".yml", ".yaml")
 # What a pattern-checked field must look like, in words.
 _PATTERN_HINTS = {
     "entrypoint": "must be module:function, e.g. wordcount.job:main",
-    "timeout": "must be a duration such as 90s, 30m, 1h or 1h30m",
-    "idle_timeout": "must be a duration such as 90s, 30m, 1h or 1h30m",
+    "timeout": "must be a duration such as 90s, 30m, 1.5h or 2d (a number, then a unit)",
+    "idle_timeout": "must be a duration such as 90s, 30m, 1.5h or 2d (a number, then a unit)",
+    "retry_delay": "must be a duration such as 90s, 30m, 1.5h or 2d (a number, then a unit)",
+    "dagrun_timeout": "must be a duration such as 90s, 30m, 1.5h or 2d (a number, then a unit)",
     "memory": "must be a size such as 512MiB or 2GiB",
     "dag_id": "may only hold letters, digits, '_', '.' and '-'",
 }
@@ -248,22 +250,61 @@ def load_file(
     from_file_name = "dag_id" not in data
     data.setdefault("dag_id", path.name.rsplit(".", 1)[0])
     data = _jsonable(data)
-    problems = [_problem(doc, f) for f in _schema_findings(data)]
-    problems += [_locate(doc, f, m, key=True) for f, m in check_data(data)]
+    findings = list(_schema_findings(data))
+    problems = [_problem(doc, f) for f in findings]
+    # The rules beyond the schema run even when the schema found problems, on the document
+    # without the fields it refused, so that one pass reports every problem of the file.
+    flagged = [f.field for f in findings]
+
+    def unflagged(field: FieldPath) -> bool:
+        return not any(field[: len(bad)] == bad or bad[: len(field)] == field for bad in flagged)
+
+    problems += [_locate(doc, f, m, key=True) for f, m in check_data(data) if unflagged(f)]
+    try:
+        spec = dacite.from_dict(PipelineSpec, _without(data, flagged), config=_DACITE)
+    except (dacite.DaciteError, ValueError) as exc:
+        if not problems:  # the schema should have caught it
+            field = tuple((getattr(exc, "field_path", None) or "").split("."))
+            raise SpecError([_locate(doc, field, f"invalid value: {exc}")]) from None
+    else:
+        spec = dataclasses.replace(spec, origin=str(path.resolve()))
+        problems += [_locate(doc, f, m) for f, m in check_spec(spec) if unflagged(f)]
     if from_file_name:
         problems = [_file_name_problem(p, path) if p.field == "dag_id" else p for p in problems]
     if problems:
         raise SpecError(sorted(problems, key=lambda p: (p.line, p.column)))
-    try:
-        spec = dacite.from_dict(PipelineSpec, data, config=_DACITE)
-    except (dacite.DaciteError, ValueError) as exc:  # the schema should have caught it
-        field = tuple((getattr(exc, "field_path", None) or "").split("."))
-        raise SpecError([_locate(doc, field, f"invalid value: {exc}")]) from None
-    spec = dataclasses.replace(spec, origin=str(path.resolve()))
-    problems = [_locate(doc, f, m) for f, m in check_spec(spec)]
-    if problems:
-        raise SpecError(sorted(problems, key=lambda p: (p.line, p.column)))
     return spec
+
+
+# Stand-ins for required values the schema found missing or wrong, so that the other rules can
+# still look at the rest of the file; nothing is reported about them.
+_STAND_INS = {"source": {"git": "."}, "git": ".", "entrypoint": "module:function"}
+
+
+def _without(data: dict[str, Any], fields: list[FieldPath]) -> dict[str, Any]:
+    """data without the values at `fields` (defaults take their place; stand-ins if required).
+
+    A field inside a list takes the whole list with it.
+    """
+    data = copy.deepcopy(data)
+    for field in fields:
+        node: Any = data
+        holder: tuple[dict[str, Any], Any] | None = None
+        for part in field:
+            if not isinstance(node, dict):
+                break
+            if part not in node:
+                if part in _STAND_INS:
+                    node[part] = copy.deepcopy(_STAND_INS[part])
+                holder = None
+                break
+            holder, node = (node, part), node[part]
+        if holder is not None:
+            parent, key = holder
+            parent.pop(key)
+            if key in _STAND_INS:
+                parent[key] = copy.deepcopy(_STAND_INS[key])
+    return data
 
 
 def _file_name_problem(problem: SpecProblem, path: Path) -> SpecProblem:
@@ -329,6 +370,12 @@ def _schema_findings(data: dict[str, Any]) -> Iterator[_Finding]:
             kinds = [expected] if isinstance(expected, str) else expected
             wanted = " or ".join(_TYPE_NAMES.get(k, k) for k in kinds)
             yield _Finding(path, _type_message(name, kinds, wanted, error.instance))
+        elif error.validator == "pattern" and "propertyNames" in error.schema_path:
+            message = (
+                f"{error.instance!r} is not a param name: params are keyword arguments of the "
+                "entry point; use letters, digits and '_', not starting with a digit"
+            )
+            yield _Finding((*path, error.instance), message, at_key=True)
         elif error.validator == "pattern":
             hint = _PATTERN_HINTS.get(name, f"must match {error.validator_value}")
             yield _Finding(path, f"{error.instance!r} {hint}")
@@ -343,8 +390,13 @@ def _schema_findings(data: dict[str, Any]) -> Iterator[_Finding]:
             hint = f"; write e.g. {name}: {example}" if example else ""
             yield _Finding(path, f"must not be empty{hint}")
         elif error.validator == "anyOf":
-            message = f"must be a string or a list of strings, not {_describe(error.instance)}"
-            yield _Finding(path, message)
+            words = next((o["enum"] for o in error.validator_value if "enum" in o), None)
+            wanted = (
+                f"one of {', '.join(words)} (or a list of them)"
+                if words
+                else "a string or a list of strings"
+            )
+            yield _Finding(path, f"must be {wanted}, not {_describe(error.instance)}")
         else:
             yield _Finding(path, error.message)
 

@@ -7,6 +7,7 @@ Values between tasks travel as XComArgs in template fields, which Airflow resolv
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -14,6 +15,8 @@ from airflow.sdk import BaseOperator, BaseOperatorLink
 
 from dagfactory.spec import PipelineSpec
 from dagfactory.workspace import Credentials
+
+log = logging.getLogger(__name__)
 
 
 def run_key(context: Any) -> str:
@@ -47,7 +50,8 @@ def _credentials(spec: PipelineSpec) -> Credentials | None:
     from airflow.sdk import Connection
 
     conn = Connection.get(spec.source.connection)
-    return Credentials(conn.login, conn.password)
+    # login/password for https; an SSH connection's key and host key live in its extra
+    return Credentials.from_connection(conn.login, conn.password, conn.port, conn.extra_dejson)
 
 
 class DaskDashboardLink(BaseOperatorLink):
@@ -76,16 +80,22 @@ class _PipelineOperator(BaseOperator):
     ) -> None:
         super().__init__(**kwargs)
         self.spec = spec
-        self.workspace = workspace  # bootstrap's XCom: {"commit": sha}
+        self.workspace = workspace  # bootstrap's XCom: {"commit": sha, "pins": {...}}
         self.cluster = cluster  # cluster_up's XCom: the cluster handle
 
 
 class BootstrapOperator(_PipelineOperator):
-    """Resolve the git ref to one commit for the whole run; prepare checkout and virtualenv."""
+    """Check the run's params; pin the git ref to one commit; prepare checkout and virtualenv."""
 
     def execute(self, context: Any) -> dict[str, Any]:
         from dagfactory import steps
+        from dagfactory.params import check_values
 
+        # Airflow checks values against each param's schema when a run is triggered, but keeps
+        # quiet about conf keys that are no param; refuse those too, before anything starts,
+        # with the words `dagfactory run` uses.
+        conf = context["dag_run"].conf or {}
+        check_values(self.spec.param_specs, conf, self.spec.origin)
         return steps.bootstrap(self.spec, _credentials(self.spec), self.log.info)
 
 
@@ -101,40 +111,43 @@ class ClusterUpOperator(_PipelineOperator):
         from dagfactory import steps
 
         self.cluster_handle = steps.cluster_up(
-            self.spec,
-            self.workspace["commit"],
-            run_key(context),
-            _credentials(self.spec),
-            self.log.info,
+            self.spec, self.workspace, run_key(context), _credentials(self.spec), self.log.info
         )
         return self.cluster_handle
 
 
+REPLACEMENT_KEY = "cluster"
+"""XCom key under which the run task records a cluster it started to replace a lost one."""
+
+
 class RunOperator(_PipelineOperator):
-    """Call the entry point with a client of the run's cluster; its result becomes the XCom."""
+    """Call the entry point with a client of the run's cluster; its result becomes the XCom.
+
+    A retry first ensures the cluster: a lost one is replaced under the same run key, and the
+    replacement's handle is pushed so that teardown stops it too.
+    """
 
     template_fields = ("workspace", "cluster")
     ui_color = "#fdebd0"
     operator_extra_links = (DaskDashboardLink(),)
-
-    @property
-    def cluster_handle(self) -> Any:
-        return self.cluster
+    cluster_handle: dict[str, Any] | None = None
 
     def execute(self, context: Any) -> Any:
         from dagfactory import steps
 
+        key = run_key(context)
+        credentials = _credentials(self.spec)
+        self.cluster_handle = steps.ensure_cluster(
+            self.spec, self.workspace, key, self.cluster, credentials, self.log.info
+        )
+        if self.cluster_handle is not self.cluster:
+            context["ti"].xcom_push(key=REPLACEMENT_KEY, value=self.cluster_handle)
         # context["params"] holds trigger-time overrides; strings are Jinja-rendered here so
         # that "{{ ds }}" in a YAML param becomes the run's date.
         declared = {name: context["params"][name] for name in self.spec.params}
         params = self.render_template(declared, _with_run_dates(context))
         return steps.run(
-            self.spec,
-            self.workspace["commit"],
-            self.cluster,
-            params,
-            _credentials(self.spec),
-            self.log.info,
+            self.spec, self.workspace, self.cluster_handle, params, key, credentials, self.log.info
         )
 
 
@@ -147,8 +160,29 @@ class TeardownOperator(_PipelineOperator):
     def execute(self, context: Any) -> None:
         from dagfactory import steps
 
-        steps.teardown(self.spec, self.cluster, run_key(context))
+        ti = context["ti"]
+        run_task = f"{self.task_id.rsplit('.', 1)[0]}.run" if "." in self.task_id else "run"
+        replacement = ti.xcom_pull(task_ids=run_task, key=REPLACEMENT_KEY)
+        steps.teardown(self.spec, run_key(context), self.cluster, replacement)
         self.log.info("cluster %s stopped", run_key(context))
+
+
+def release_cluster(spec: PipelineSpec, context: Any) -> None:
+    """The DAG's failure callback: stop the run's cluster by its key, from wherever it runs.
+
+    Airflow marks an unfinished teardown task SKIPPED when a run times out (dagrun_timeout) and
+    fails a run whose task lost its supervisor only after the heartbeat timeout; this gets the
+    cluster stopped then, not after its idle timeout. It runs in the DAG processor.
+    """
+    from dagfactory import steps
+
+    key = run_key(context)
+    try:
+        steps.teardown(spec, key)
+    except Exception:  # a callback that raises is only logged; say what it could not do
+        log.exception("could not stop the cluster of %s", key)
+        raise
+    log.info("cluster %s stopped by the DAG's failure callback", key)
 
 
 class InvalidSpecOperator(BaseOperator):

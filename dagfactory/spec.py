@@ -11,8 +11,16 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import Any
 
-DURATION_PATTERN = r"^\s*(\d+\s*[dhms]\s*)+$"
-SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*([kKMGT]i?B?|B)?\s*$"
+# Durations and sizes mean what Dask makes of them (`dask.utils.parse_timedelta`,
+# `parse_bytes`), so a value a Dask user already writes means the same here. The patterns accept
+# exactly what those functions accept, with a unit always written (a test keeps them in step).
+DURATION_UNITS = (
+    "weeks", "week", "w", "days", "day", "d", "hours", "hour", "h", "minutes", "minute", "m",
+    "seconds", "second", "s", "milliseconds", "millisecond", "ms",
+)  # fmt: skip
+DURATION_PATTERN = r"^\s*[0-9]+(\.[0-9]+)?\s*(" + "|".join(DURATION_UNITS) + r")\s*$"
+SIZE_PATTERN = r"^\s*[0-9]+(\.[0-9]+)?\s*([kKmMgGtTpP][iI]?[bB]?|[bB])?\s*$"
+IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 ENTRYPOINT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 DAG_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
 
@@ -68,15 +76,57 @@ class SourceSpec:
     )
 
 
+JSON_TYPES = ("string", "integer", "number", "boolean", "array", "object", "null")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A param in its long form: a default and the JSON Schema its values must match.
+
+    These are Airflow's Param keywords: the trigger form shows the type and description, and
+    a value that does not match is refused before anything starts, in Airflow and on the
+    command line alike. A param written as a plain value has the type of that value.
+    """
+
+    default: Any = doc(
+        "The value used when a run does not give one (Jinja strings such as '{{ ds }}' are "
+        "rendered at run time).",
+        _REQUIRED,
+    )
+    type: str | tuple[str, ...] | None = doc(
+        "JSON type of the value, or a list of types. Default: the type of the default value.",
+        None,
+        anyOf=[
+            {"enum": list(JSON_TYPES)},
+            {"type": "array", "items": {"enum": list(JSON_TYPES)}, "minItems": 1},
+        ],
+        examples=["integer", ["string", "null"]],
+    )
+    description: str = doc("Shown under the param in Airflow's trigger form.", "")
+    title: str = doc("Label of the param in Airflow's trigger form.", "")
+    enum: tuple[Any, ...] | None = doc("The only values allowed.", None, examples=[["a", "b"]])
+    minimum: float | None = doc("Smallest number allowed.", None)
+    maximum: float | None = doc("Largest number allowed.", None)
+    minLength: int | None = doc("Shortest text allowed.", None, minimum=0)
+    maxLength: int | None = doc("Longest text allowed.", None, minimum=0)
+    pattern: str | None = doc("Regular expression a text must match.", None)
+    items: dict[str, Any] | None = doc("JSON Schema of the items of a list.", None)
+    examples: tuple[Any, ...] | None = doc("Example values.", None)
+
+
 @dataclass(frozen=True)
 class ClusterSpec:
     """The Dask cluster the entry point gets a client for."""
 
     backend: str = doc(
         "Cluster kind: 'local' starts scheduler and worker processes on this host; 'existing' "
-        "connects to a scheduler someone else runs (needs 'address').",
+        "connects to a scheduler someone else runs (needs 'address'). Editors offer these "
+        "built-in kinds only; dagfactory validate also accepts a backend installed through the "
+        "'dagfactory.backends' entry point group.",
         "local",
         examples=["local", "existing"],
+        # A closed list lets the editor flag a typo; validation checks the installed backends.
+        editor={"enum": ["local", "existing"]},
     )
     workers: int = doc("Number of Dask workers.", 2, minimum=1, maximum=1000, examples=[4])
     cpu: int = doc(
@@ -95,10 +145,11 @@ class ClusterSpec:
     )
     idle_timeout: str = doc(
         "A cluster with no task to run for this long stops itself, so that even a lost "
-        "teardown cannot leave it running.",
-        "1h",
+        "teardown cannot leave it running. While the entry point runs, it keeps its cluster "
+        "busy, so this only counts when nothing uses the cluster.",
+        "5m",
         pattern=DURATION_PATTERN,
-        examples=["30m", "2h"],
+        examples=["5m", "30m"],
     )
 
 
@@ -137,23 +188,60 @@ class PipelineSpec:
         examples=["2026-01-01"],
     )
     catchup: bool = doc("Run the intervals between start_date and now.", False)
-    retries: int = doc("Retries of each task.", 0, minimum=0, maximum=100, examples=[2])
+    retries: int = doc(
+        "Retries of each task. A retry of the run task replaces a cluster that was lost.",
+        0,
+        minimum=0,
+        maximum=100,
+        examples=[2],
+    )
+    retry_delay: str = doc(
+        "Wait this long before a retry.", "1m", pattern=DURATION_PATTERN, examples=["30s", "5m"]
+    )
+    retry_exponential_backoff: bool = doc(
+        "Double the wait before each further retry (Airflow's exponential backoff).", False
+    )
     timeout: str | None = doc(
         "Execution timeout of the run task, e.g. 1h or 90m.",
         None,
         pattern=DURATION_PATTERN,
         examples=["1h", "30m"],
     )
+    dagrun_timeout: str | None = doc(
+        "The whole run fails after this long. Airflow then skips the teardown task; the "
+        "DAG's failure callback stops the cluster instead.",
+        None,
+        pattern=DURATION_PATTERN,
+        examples=["2h"],
+    )
     params: dict[str, Any] = doc(
         "Keyword arguments of the entry point. They become Airflow DAG params (overridable at "
         "trigger time) and strings are rendered with Airflow's Jinja at run time ({{ ds }}). "
-        "Names are text; values are plain JSON data.",
+        "Write a plain value (its type becomes the param's type) or the long form, a mapping "
+        "with 'default' and JSON Schema keywords: {default: 64, type: integer, minimum: 1, "
+        "description: ...}.",
         dict,
-        examples=[{"day": "{{ ds }}", "top": 5}],
+        examples=[{"day": "{{ ds }}", "chunks": {"default": 64, "type": "integer", "minimum": 1}}],
+        propertyNames={"pattern": IDENTIFIER_PATTERN},
+        additionalProperties={
+            "if": {"type": "object", "required": ["default"]},
+            "then": {"$ref": "#/$defs/param"},
+        },
     )
     cluster: ClusterSpec = doc("The Dask cluster.", ClusterSpec)
     origin: str = field(default="", metadata={"internal": True})
     """The YAML file this spec was read from (set by the loader, not by the user)."""
+
+    @property
+    def param_specs(self) -> dict[str, ParamSpec]:
+        """Every param in its long form, with the type of a plain value filled in."""
+        from dagfactory.params import param_spec
+
+        return {name: param_spec(value) for name, value in self.params.items()}
+
+    @property
+    def param_defaults(self) -> dict[str, Any]:
+        return {name: spec.default for name, spec in self.param_specs.items()}
 
     @property
     def entry_module(self) -> str:
@@ -164,41 +252,19 @@ class PipelineSpec:
         return self.entrypoint.partition(":")[2]
 
 
-_DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "kib": 1024,
-    "ki": 1024,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "mib": 1024**2,
-    "mi": 1024**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "gib": 1024**3,
-    "gi": 1024**3,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "tib": 1024**4,
-    "ti": 1024**4,
-}
-
-
 def parse_duration(text: str) -> timedelta:
-    """'1h30m' -> timedelta(hours=1, minutes=30)."""
+    """'90m' -> timedelta(minutes=90), as Dask reads it (`dask.utils.parse_timedelta`)."""
+    from dask.utils import parse_timedelta
+
     if not re.match(DURATION_PATTERN, text):
-        raise ValueError(f"{text!r} is not a duration; write e.g. 90s, 30m, 1h or 1h30m")
-    seconds = sum(int(n) * _DURATION_UNITS[u] for n, u in re.findall(r"(\d+)\s*([dhms])", text))
-    return timedelta(seconds=seconds)
+        raise ValueError(f"{text!r} is not a duration; write e.g. 90s, 30m, 1.5h or 2d")
+    return timedelta(seconds=parse_timedelta(text.strip()))
 
 
 def parse_size(text: str) -> int:
-    """'2GiB' -> 2147483648 bytes."""
-    match = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$", text)
-    unit = match.group(2).lower() if match else None
-    if not match or unit not in _SIZE_UNITS:
+    """'2GiB' -> 2147483648 bytes, as Dask reads it (`dask.utils.parse_bytes`)."""
+    from dask.utils import parse_bytes
+
+    if not re.match(SIZE_PATTERN, text):
         raise ValueError(f"{text!r} is not a size; write e.g. 512MiB or 2GiB")
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    return int(parse_bytes(text.strip()))

@@ -1,8 +1,9 @@
 """The four steps of a pipeline run, with no Airflow in sight.
 
 The Airflow tasks (`operators.py`) and `dagfactory run` both call these, so a pipeline behaves
-the same on a laptop and in production. Between steps only plain JSON travels (a commit sha, a
-cluster handle), because under Celery or Kubernetes executors each step may run on another host.
+the same on a laptop and in production. Between steps only plain JSON travels (a commit sha, the
+versions pinned for the cluster, a cluster handle), because under Celery or Kubernetes executors
+each step may run on another host.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 from dagfactory.backends import ClusterContext, ClusterHandle, get_backend
-from dagfactory.runner import run_entrypoint
+from dagfactory.runner import check_entrypoint, run_entrypoint
 from dagfactory.spec import PipelineSpec
-from dagfactory.workspace import Credentials, prepare, resolve_commit
+from dagfactory.workspace import Credentials, Workspace, prepare, resolve_commit
 
 log = logging.getLogger(__name__)
 Output = Callable[[str], None]
@@ -23,24 +24,64 @@ Output = Callable[[str], None]
 def bootstrap(
     spec: PipelineSpec, credentials: Credentials | None = None, output: Output = log.info
 ) -> dict[str, Any]:
-    """Pin the run to one commit and make its checkout and virtualenv ready."""
+    """Pin the run to one commit, make its checkout and virtualenv ready, and check that the
+    entry point imports there, before any cluster is started for it."""
     commit = resolve_commit(spec, credentials)
     output(f"{spec.source.ref or 'HEAD'} is commit {commit}")
-    workspace = prepare(spec, commit, credentials, output)
+    pins = _pins(spec)
+    if pins:
+        output(f"pinned to the cluster's versions: {pins}")
+    workspace = prepare(spec, commit, credentials, output, pins=pins)
     output(f"code in {workspace.code_dir}, python {workspace.python}")
-    return {"commit": commit}
+    check_entrypoint(workspace, spec.entrypoint)
+    output(f"{spec.entrypoint} imports")
+    return {"commit": commit, "pins": pins}
+
+
+def bootstrap_worktree(spec: PipelineSpec, output: Output = log.info) -> dict[str, Any]:
+    """Like bootstrap, for the working tree of a local repository as it is (`run --worktree`)."""
+    from dagfactory.workspace import prepare_worktree
+
+    pins = _pins(spec)
+    workspace = prepare_worktree(spec, output, pins=pins)
+    output(f"running the working tree {workspace.code_dir} as it is ({workspace.commit})")
+    check_entrypoint(workspace, spec.entrypoint)
+    return {"commit": workspace.commit, "pins": pins, "worktree": True}
+
+
+def local_changes(spec: PipelineSpec) -> list[str]:
+    """Uncommitted changes of a local repository that a run of its commit would not see."""
+    from dagfactory.workspace import local_changes
+
+    return local_changes(spec)
+
+
+def _pins(spec: PipelineSpec) -> dict[str, str]:
+    """Versions the virtualenv must have to talk to the cluster (an existing one's, say)."""
+    pins = getattr(get_backend(spec.cluster.backend), "pins", None)
+    return pins(spec.cluster) if pins else {}
+
+
+def _workspace(
+    spec: PipelineSpec, boot: dict[str, Any], credentials: Credentials | None, output: Output
+) -> Workspace:
+    if boot.get("worktree"):
+        from dagfactory.workspace import prepare_worktree
+
+        return prepare_worktree(spec, output, pins=boot.get("pins") or {})
+    # Cheap when bootstrap ran on this host; a full checkout when it ran on another one.
+    return prepare(spec, boot["commit"], credentials, output, pins=boot.get("pins") or {})
 
 
 def cluster_up(
     spec: PipelineSpec,
-    commit: str,
+    boot: dict[str, Any],
     key: str,
     credentials: Credentials | None = None,
     output: Output = log.info,
 ) -> dict[str, Any]:
     """Start the run's cluster; returns its handle as JSON."""
-    # Cheap when bootstrap ran on this host; a full checkout when it ran on another one.
-    workspace = prepare(spec, commit, credentials, output)
+    workspace = _workspace(spec, boot, credentials, output)
     context = ClusterContext(key, str(workspace.python), str(workspace.code_dir))
     handle = get_backend(spec.cluster.backend).up(spec.cluster, context)
     output(f"Dask scheduler at {handle.scheduler_address}")
@@ -49,24 +90,46 @@ def cluster_up(
     return handle.to_json()
 
 
+def ensure_cluster(
+    spec: PipelineSpec,
+    boot: dict[str, Any],
+    key: str,
+    handle: dict[str, Any] | None,
+    credentials: Credentials | None = None,
+    output: Output = log.info,
+) -> dict[str, Any]:
+    """The run's cluster: `handle`'s when it still answers, else a new one under the same key.
+
+    This is what makes a retry heal: a scheduler lost to a killed host or a reclaimed spot
+    instance is replaced by the retry itself, with no one clearing tasks by hand.
+    """
+    backend = get_backend(spec.cluster.backend)
+    if handle is not None and backend.alive(ClusterHandle.from_json(handle)):
+        return handle
+    lost = f" ({handle['scheduler_address']})" if handle else ""
+    output(f"the cluster of this run{lost} does not answer; starting a new one under {key}")
+    return cluster_up(spec, boot, key, credentials, output)
+
+
 def run(
     spec: PipelineSpec,
-    commit: str,
+    boot: dict[str, Any],
     handle: dict[str, Any],
     params: dict[str, Any],
+    key: str,
     credentials: Credentials | None = None,
     output: Output = print,
 ) -> Any:
     """Call the entry point with a client of the run's cluster; returns its JSON result."""
-    workspace = prepare(spec, commit, credentials, output)
+    workspace = _workspace(spec, boot, credentials, output)
     address = ClusterHandle.from_json(handle).scheduler_address
-    output(f"calling {spec.entrypoint}(client, **{params!r}) at commit {commit[:12]}")
-    return run_entrypoint(workspace, spec.entrypoint, params, address, output)
+    output(f"calling {spec.entrypoint}(client, **{params!r}) at commit {boot['commit'][:12]}")
+    return run_entrypoint(workspace, spec.entrypoint, params, address, output, key=key)
 
 
-def teardown(spec: PipelineSpec, handle: dict[str, Any] | None, key: str) -> None:
-    """Stop the run's cluster. Idempotent; works from the key alone when the handle was lost."""
+def teardown(spec: PipelineSpec, key: str, *handles: dict[str, Any] | None) -> None:
+    """Stop the run's cluster(s). Idempotent; works from the key alone when no handle is left."""
     backend = get_backend(spec.cluster.backend)
-    if handle is None:
-        handle = ClusterHandle(spec.cluster.backend, key, "").to_json()
-    backend.down(ClusterHandle.from_json(handle))
+    known = [ClusterHandle.from_json(h) for h in handles if h]
+    for handle in known or [ClusterHandle(spec.cluster.backend, key, "")]:
+        backend.down(handle)

@@ -71,7 +71,7 @@ def test_example_dag_runs_green_and_its_result_is_in_xcom(
     label = result.pop("label")
     assert re.fullmatch(r"day \d{4}-\d{2}-\d{2}", label)  # Jinja rendered at run time
     assert result == _expected_wordcount(chunks=12, top=3)  # trigger-time override won
-    assert _xcom(dag_run, "pipeline.bootstrap") == {"commit": wordcount_repo.head()}
+    assert _xcom(dag_run, "pipeline.bootstrap") == {"commit": wordcount_repo.head(), "pins": {}}
     handle = _xcom(dag_run, "pipeline.cluster_up")
     assert handle["backend"] == "local" and handle["scheduler_address"].startswith("tcp://")
     for task in ("pipeline.cluster_up", "pipeline.run"):  # the "Dask dashboard" button

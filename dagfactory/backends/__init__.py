@@ -11,11 +11,13 @@ class implementing `ClusterBackend`.
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from dagfactory.errors import ClusterError
 from dagfactory.spec import ClusterSpec
@@ -61,8 +63,23 @@ class ClusterBackend(Protocol):
     def up(self, spec: ClusterSpec, context: ClusterContext) -> ClusterHandle:
         """Start a cluster; on failure, stop whatever was started and raise ClusterError."""
 
+    def alive(self, handle: ClusterHandle) -> bool:
+        """Whether the cluster the handle names still answers (cheap: a retry asks it first)."""
+
     def down(self, handle: ClusterHandle) -> None:
         """Stop everything the handle names. Idempotent."""
+
+
+def scheduler_answers(address: str, timeout: float = 5.0) -> bool:
+    """A TCP connection to the scheduler's address opens: it is there (or its host is)."""
+    url = urlsplit(address)
+    if not url.hostname or not url.port:
+        return False
+    try:
+        with socket.create_connection((url.hostname, url.port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def backend_names() -> tuple[str, ...]:

@@ -37,7 +37,7 @@ HEALTH_VARIABLE = "DAGFACTORY_SCHEDULER_HEALTH"  # read by worker_preload.py
 
 KEY_VARIABLE = "DAGFACTORY_CLUSTER_KEY"
 START_TIMEOUT = 120.0
-DEATH_TIMEOUT = 60
+DEATH_TIMEOUT = 30
 STOP_GRACE = 0.3
 
 
@@ -225,6 +225,17 @@ class LocalBackend:
             f"the local Dask cluster did not get {spec.workers} workers within "
             f"{START_TIMEOUT:.0f}s (has {max(workers, 0)}):\n{_log_tail(state / 'workers.log')}"
         )
+
+    def alive(self, handle: ClusterHandle) -> bool:
+        """The scheduler answers on its dashboard and has at least one worker."""
+        if not handle.dashboard_link:
+            return False
+        counts = handle.dashboard_link.rsplit("/", 1)[0] + "/json/counts.json"
+        try:
+            with urllib.request.urlopen(counts, timeout=5) as response:
+                return json.load(response)["workers"] > 0
+        except (OSError, ValueError, KeyError):
+            return False
 
     def down(self, handle: ClusterHandle) -> None:
         stopped = _stop(handle.key)
