@@ -145,3 +145,35 @@ def test_timeout_stops_the_entry_point_and_the_cluster(
         if "sleepy_job:main" in " ".join(p.info["cmdline"] or [])
     ]
     assert shims == []
+
+
+def test_params_carry_their_schema_and_bad_conf_is_refused_before_a_cluster_starts(
+    airflow_db, tmp_path, wordcount_repo, monkeypatch
+):
+    from airflow.exceptions import ParamValidationError
+    from airflow.utils.cli import get_bagged_dag
+
+    path = write_pipeline(
+        tmp_path / "pipelines",
+        "typed",
+        f"""
+        source: {{git: {wordcount_repo.path}, requirements: requirements.txt}}
+        entrypoint: wordcount.job:main
+        params:
+          chunks: {{default: 4, type: integer, minimum: 1, description: Pieces to split into}}
+          label: "{{{{ ds }}}}"
+        cluster: {{workers: 1}}
+        """,
+    )
+    monkeypatch.setenv("DAGFACTORY_PIPELINES_DIR", str(path.parent))
+    dag = get_bagged_dag(None, "typed")
+    chunks = dag.params.get_param("chunks")
+    assert chunks.schema == {"type": "integer", "minimum": 1}
+    assert chunks.description == "Pieces to split into"
+    assert dag.params.get_param("label").schema == {"type": "string"}
+    with pytest.raises(ParamValidationError):  # what the trigger form and REST API refuse
+        dag.test(run_conf={"chunks": "abc"})
+    dag_run = dag.test(run_conf={"chunk": 3})  # a typo Airflow alone would drop silently
+    states = _states(dag_run)
+    assert states["bootstrap"] == "failed" and states["cluster_up"] == "upstream_failed"
+    assert cluster_processes("typed__") == []
