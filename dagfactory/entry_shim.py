@@ -1,31 +1,143 @@
 """Runs inside the pipeline's virtualenv: connect to Dask, call the entry point, save its result.
 
 This file is executed as a script by the pipeline's own interpreter, where neither Airflow nor
-dagfactory is installed, so it imports only the standard library and Dask.
+dagfactory is installed, so it imports only the standard library and Dask. With `--check` it only
+imports the entry point (no Dask client), so that a typo fails the run before a cluster starts.
+
+Whatever goes wrong is written to the `--error` file as one actionable line; a traceback, when
+there is one worth reading, is printed once, to the output the runner streams to the task log.
 """
 
 import argparse
+import difflib
 import hashlib
 import importlib
+import inspect
 import json
+import math
+import os
 import pathlib
+import pkgutil
+import shutil
+import signal
 import sys
 import tempfile
+import threading
+import time
 import traceback
+import uuid
 import zipfile
 
+SHIM_FILE = os.path.abspath(__file__)
+MAX_NAMES = 12
 
-def _ship_code(client, code_dir: str) -> None:
+
+class Problem(Exception):
+    """A mistake dagfactory can explain in one line: no traceback is worth printing."""
+
+
+class Stopped(BaseException):
+    """SIGTERM: the task is being stopped. Unwinds the call so the code upload is removed."""
+
+
+def _stop(signum, frame):
+    raise Stopped("the entry point was stopped (SIGTERM: the task was killed or timed out)")
+
+
+def _first_line(text: str) -> str:
+    lines = [line for line in str(text).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return lines[0] + (" ..." if len(lines) > 1 else "")
+
+
+def _names_in(path: list[str]) -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(path) if not m.name.startswith("_"))
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:MAX_NAMES]) + (" ..." if len(names) > MAX_NAMES else "")
+
+
+def _suggest(name: str, candidates: list[str], kind: str) -> str:
+    """A did-you-mean, else the candidates: the fix is then in the message itself."""
+    close = difflib.get_close_matches(name, candidates, n=1)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; {kind}: {_shown(candidates) if candidates else 'none'}"
+
+
+def _user_frame(exc: BaseException, code_dir: str) -> str:
+    """`file:line` of the innermost frame in the pipeline's code, for a one-line message."""
+    root = os.path.abspath(code_dir)
+    if isinstance(exc, SyntaxError) and exc.filename:
+        frames = [(exc.filename, exc.lineno)]
+    else:
+        frames = [(f.filename, f.lineno) for f in traceback.extract_tb(exc.__traceback__)]
+    inside = [(f, n) for f, n in frames if os.path.abspath(f).startswith(root + os.sep)]
+    for filename, lineno in reversed(inside or frames):
+        if os.path.abspath(filename) != SHIM_FILE:
+            return f"{os.path.relpath(filename, root) if inside else filename}:{lineno}"
+    return ""
+
+
+def load(entrypoint: str, code_dir: str):
+    """Import `module:function` and return the function; Problem says what is wrong if not."""
+    module_name, _, function_name = entrypoint.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and (module_name == missing or module_name.startswith(missing + ".")):
+            parent = missing.rpartition(".")[0]
+            path = getattr(sys.modules.get(parent), "__path__", None) if parent else [code_dir]
+            names = [f"{parent}.{n}" if parent else n for n in _names_in(path or [])]
+            hint = _suggest(missing, names, "modules there" if parent else "its modules")
+            raise Problem(
+                f"entrypoint {entrypoint}: no module {missing!r} in the code folder {code_dir} "
+                f"(source.subdir){hint}"
+            ) from None
+        raise Problem(
+            f"entrypoint {entrypoint}: importing {module_name} failed: No module named "
+            f"{missing!r} (at {_user_frame(exc, code_dir)}); add the package that provides it "
+            "to source.requirements"
+        ) from None
+    except Exception as exc:
+        raise Problem(
+            f"entrypoint {entrypoint}: importing {module_name} raised {type(exc).__name__}: "
+            f"{_first_line(exc)} (at {_user_frame(exc, code_dir)})"
+        ) from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        functions = sorted(
+            name
+            for name, obj in vars(module).items()
+            if inspect.isfunction(obj) and obj.__module__ == module.__name__
+            and not name.startswith("_")
+        )  # fmt: skip
+        what = "has no function" if function is None else "has a non-callable"
+        raise Problem(
+            f"entrypoint {entrypoint}: module {module_name!r} {what} {function_name!r}"
+            + _suggest(function_name, functions, "its functions")
+        )
+    return function
+
+
+def _ship_code(client, code_dir: str) -> str:
     """Upload the repository's Python packages and modules to the scheduler and every worker.
 
     Dask pickles functions by reference and, since 2024, the scheduler unpickles task graphs:
     both need to import the pipeline's code. A cluster that never saw the repository (an
     existing one, or one in the cloud) gets it this way, and so does every worker that joins
-    later.
+    while the entry point runs. Returns the plugins' name, for `_unship_code`.
     """
+    from distributed.diagnostics.plugin import SchedulerUploadFile, UploadFile
+
     root = pathlib.Path(code_dir)
     digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
-    archive = pathlib.Path(tempfile.gettempdir()) / f"dagfactory_code_{digest}.zip"
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="dagfactory-code-"))
+    # Named by code folder (so by commit): a worker puts the file on its sys.path once.
+    archive = folder / f"dagfactory_code_{digest}.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
         for path in sorted(root.iterdir()):
             if path.name.startswith(".") or path.name == "__pycache__":
@@ -36,64 +148,158 @@ def _ship_code(client, code_dir: str) -> None:
                 for item in sorted(path.rglob("*")):
                     if item.is_file() and "__pycache__" not in item.parts:
                         zf.write(item, item.relative_to(root).as_posix())
+    # One name per run, so that two runs sharing a cluster never remove each other's upload.
+    name = f"dagfactory-code-{digest}-{uuid.uuid4().hex[:12]}"
     try:
-        client.upload_file(str(archive), load=True)
+        client.register_plugin(SchedulerUploadFile(str(archive), load=True), name=name)
+        client.register_plugin(UploadFile(str(archive), load=True), name=name)
     finally:
-        archive.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+    return name
+
+
+def _unship_code(client, name: str) -> None:
+    """Remove the upload plugins, so that a shared cluster is left as the run found it.
+
+    Otherwise every run adds one more plugin to the scheduler, and every worker that joins
+    later replays all of them.
+    """
+    for unregister in (client.unregister_scheduler_plugin, client.unregister_worker_plugin):
+        try:
+            unregister(name)
+        except Exception as exc:
+            print(
+                f"dagfactory: warning: could not remove the code upload {name} from the "
+                f"cluster: {type(exc).__name__}: {_first_line(exc)}",
+                file=sys.stderr,
+            )
 
 
 def _call(args: argparse.Namespace) -> object:
-    from distributed import Client
-
-    module_name, _, function_name = args.entrypoint.partition(":")
-    module = importlib.import_module(module_name)
-    function = getattr(module, function_name, None)
-    if not callable(function):
-        raise AttributeError(f"module {module_name!r} has no function {function_name!r}")
+    function = load(args.entrypoint, args.code_dir)
     with open(args.params) as f:
         params = json.load(f)
-    with Client(args.scheduler, timeout=60) as client:
-        _ship_code(client, args.code_dir)
-        return function(client, **params)
+    try:  # before connecting: a wrong param is a one-line mistake, not a traceback
+        inspect.signature(function).bind(None, **params)
+    except TypeError as exc:
+        raise Problem(f"entrypoint {args.entrypoint}: {exc}; check the pipeline's params") from None
+    except ValueError:
+        pass  # no signature to check (a builtin): the call itself will say
+    from distributed import Client
+
+    try:
+        client = Client(args.scheduler, timeout=60)
+    except OSError as exc:
+        raise Problem(
+            f"cannot connect to the Dask scheduler at {args.scheduler}: {_first_line(exc)}"
+        ) from None
+    with client:
+        name = _ship_code(client, args.code_dir)
+        if args.keepalive:
+            threading.Thread(target=_keep_busy, args=(client, args.keepalive), daemon=True).start()
+        try:
+            return function(client, **params)
+        finally:
+            _unship_code(client, name)
+
+
+def _keep_busy(client, every: float) -> None:
+    """Give the scheduler a tiny task now and then, so that its idle timeout, the backstop for
+    a lost teardown, never stops the cluster while the entry point does non-Dask work. This
+    process dies with its task (parent-death signal), so it cannot keep a cluster alive longer.
+    """
+    while True:
+        time.sleep(every)
+        try:
+            client.submit(int, pure=False)  # a builtin: the scheduler can unpickle it
+        except Exception:
+            return  # the client is closing or gone: nothing left to keep busy
+
+
+def _path(path: str, key) -> str:
+    return f"{path}[{json.dumps(key) if isinstance(key, str) else repr(key)}]"
+
+
+def _nulled(value, path: str, found: list[str]):
+    """The value with NaN and infinities replaced by None; their paths appended to found."""
+    if isinstance(value, float) and not math.isfinite(value):
+        found.append(path)
+        return None
+    if isinstance(value, dict):
+        return {k: _nulled(v, _path(path, k), found) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nulled(v, _path(path, i), found) for i, v in enumerate(value)]
+    return value
+
+
+def to_json(result) -> str:
+    """The result as strict JSON (RFC 8259): NaN and infinities become null, with a warning.
+
+    A result is a summary of work already done; failing the task for a NaN in it would make
+    Airflow redo all of that work for a value JSON cannot hold. null is what JavaScript's
+    JSON.stringify and pandas' to_json write for them too.
+    """
+    try:
+        json.dumps(result)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise Problem(
+            f"the entry point returned a {type(result).__name__}, which is not JSON "
+            f"({_first_line(exc)}); return a dict, list, string, number or None"
+        ) from None
+    found: list[str] = []
+    text = json.dumps(_nulled(result, "result", found), allow_nan=False)
+    if found:
+        print(
+            "dagfactory: warning: the result holds NaN or Infinity, which JSON cannot "
+            f"represent; written as null at {_shown(found)}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return text
+
+
+def _print_traceback(exc: BaseException) -> None:
+    """The traceback from the first frame that is not this file's: the user's code first."""
+    tb = exc.__traceback__
+    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) == SHIM_FILE:
+        tb = tb.tb_next
+    traceback.print_exception(type(exc), exc, tb)
+
+
+def _write_error(path: str, kind: str, message: str) -> None:
+    with open(path, "w") as f:
+        json.dump({"type": kind, "message": message}, f)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--scheduler", required=True)
+    parser.add_argument("--check", action="store_true", help="only import the entry point")
+    parser.add_argument("--scheduler")
     parser.add_argument("--entrypoint", required=True)
     parser.add_argument("--code-dir", required=True)
-    parser.add_argument("--params", required=True)
-    parser.add_argument("--result", required=True)
+    parser.add_argument("--params")
+    parser.add_argument("--keepalive", type=float, default=0.0)
+    parser.add_argument("--result")
     parser.add_argument("--error", required=True)
     args = parser.parse_args()
     sys.path.insert(0, args.code_dir)
+    signal.signal(signal.SIGTERM, _stop)
     try:
-        result = _call(args)
-    except BaseException as exc:
-        traceback.print_exc()
-        with open(args.error, "w") as f:
-            json.dump(
-                {
-                    "type": type(exc).__name__,
-                    "message": str(exc),
-                    "traceback": traceback.format_exc(),
-                },
-                f,
-            )
+        if args.check:
+            load(args.entrypoint, args.code_dir)
+            return 0
+        text = to_json(_call(args))
+    except Problem as exc:
+        _write_error(args.error, "problem", str(exc))
         return 1
-    try:
-        text = json.dumps(result)
-    except (TypeError, ValueError) as exc:
-        with open(args.error, "w") as f:
-            json.dump(
-                {
-                    "type": "TypeError",
-                    "message": f"the entry point returned a {type(result).__name__}, which is "
-                    f"not JSON ({exc}); return a dict, list, string, number or None",
-                    "traceback": "",
-                },
-                f,
-            )
+    except Stopped as exc:
+        _write_error(args.error, "stopped", str(exc))
+        return 1
+    except BaseException as exc:
+        sys.stdout.flush()
+        _print_traceback(exc)
+        sys.stderr.flush()
+        _write_error(args.error, type(exc).__name__, _first_line(exc))
         return 1
     with open(args.result, "w") as f:
         f.write(text)

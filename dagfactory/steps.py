@@ -122,9 +122,13 @@ def run(
 ) -> Any:
     """Call the entry point with a client of the run's cluster; returns its JSON result."""
     workspace = _workspace(spec, boot, credentials, output)
-    address = ClusterHandle.from_json(handle).scheduler_address
+    cluster = ClusterHandle.from_json(handle)
     output(f"calling {spec.entrypoint}(client, **{params!r}) at commit {boot['commit'][:12]}")
-    return run_entrypoint(workspace, spec.entrypoint, params, address, output, key=key)
+    # A third of the cluster's idle timeout: the entry point keeps its own cluster busy.
+    keepalive = cluster.details.get("idle_timeout", 0) / 3
+    return run_entrypoint(
+        workspace, spec.entrypoint, params, cluster.scheduler_address, output, key, keepalive
+    )
 
 
 def teardown(spec: PipelineSpec, key: str, *handles: dict[str, Any] | None) -> None:

@@ -129,6 +129,76 @@ def test_same_yaml_gives_the_same_serialized_dag_in_two_processes(pipelines):
     assert links["pipeline.run"] == {"Dask dashboard": "_link_DaskDashboardLink"}
 
 
+_SERIALIZE_FOLDER = """
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+from airflow.models.serialized_dag import SerializedDagModel
+from airflow.serialization.serialized_objects import DagSerialization
+bag = DagBag(dag_folder=sys.argv[1], safe_mode=True)
+assert not bag.import_errors, bag.import_errors
+stored = {}
+for dag_id, dag in sorted(bag.dags.items()):
+    data = DagSerialization.to_dict(dag)  # what the DAG processor hands to the metadata DB
+    stored[dag_id] = {
+        "json": json.dumps(data, sort_keys=True),  # as SerializedDagModel stores it
+        "dag_hash": SerializedDagModel.hash(data),  # a new DAG version when this changes
+    }
+print(json.dumps(stored))
+"""
+
+_VARIED = """
+    description: 'pipeline {n}: ünïcode, "quotes" and a {{{{ ds }}}} in text'
+    schedule: "{schedule}"
+    start_date: 2026-01-01
+    retries: {n}
+    timeout: 90m
+    tags: [zeta, alpha, team-{n}, mid, beta, omega, kappa]
+    source:
+      git: https://example.com/acme/jobs.git
+      ref: v{n}
+      requirements: [pandas>=2, "numpy<3", pyarrow]
+    entrypoint: jobs.run_{n}:main
+    params:
+      day: "{{{{ ds }}}}"
+      names: [c, a, b]
+      limits: {{zeta: 1, alpha: 2.5, mid: null, flag: true}}
+      nested: {{b: [1, {{y: 2, x: 3}}], a: "text"}}
+    cluster:
+      workers: {workers}
+      cpu: 2
+      memory: 3GiB
+      idle_timeout: 20m
+"""
+
+
+def test_a_pipelines_folder_serializes_byte_identically_under_any_hash_seed(tmp_path):
+    """Airflow 3 stores a new DAG version whenever a parse serializes a DAG differently; set and
+    dict orders that depend on PYTHONHASHSEED would make one per DAG processor restart."""
+    folder = tmp_path / "pipelines"
+    folder.mkdir()
+    (folder / "wordcount.yml").write_text((ROOT / "pipelines" / "wordcount.yml").read_text())
+    for n, schedule in enumerate(["@daily", "*/15 6-18 * * 1-5", "@hourly"]):
+        write_pipeline(folder, f"varied_{n}", _VARIED.format(n=n, schedule=schedule, workers=n + 1))
+    (folder / "defaults.yml").write_text("owner: data-eng\ntags: [shared, defaults]\n")
+    (folder / "broken.yml").write_text("source: {git: x}\nentrypoint: 42\n")  # a marked DAG
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", _SERIALIZE_FOLDER, str(ROOT / "dags")],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed, "DAGFACTORY_PIPELINES_DIR": str(folder)},
+        ).stdout.splitlines()[-1]  # Airflow logs to stdout before it
+        for seed in ("0", "4242")
+    ]
+    first = json.loads(outputs[0])
+    assert sorted(first) == ["broken", "varied_0", "varied_1", "varied_2", "wordcount"]
+    assert outputs[1] == outputs[0]
+    dags = {dag_id: json.loads(stored["json"])["dag"] for dag_id, stored in first.items()}
+    assert [d for d, dag in dags.items() if INVALID_TAG in dag["tags"]] == ["broken"]
+    assert set(dags["varied_1"]["tags"]) >= {"zeta", "alpha", "team-1", "omega", "kappa"}
+
+
 def test_parsing_context_builds_only_the_dag_being_run(pipelines, monkeypatch):
     from dagfactory.build import build_dags
 

@@ -86,7 +86,79 @@ def test_run_refuses_an_undeclared_param(tmp_path):
     path = write_pipeline(tmp_path, "p", "source: {git: x}\nentrypoint: a.b:c\nparams: {n: 1}\n")
     out = dagfactory("run", str(path), "-p", "m=2")
     assert out.returncode == 1
-    assert "-p m: not a param" in out.stderr and "declared params: n" in out.stderr
+    assert f"'m': not a param of {path}; declared params: n" in out.stderr
+    assert "[dagfactory] bootstrap" not in out.stderr  # refused before anything started
+
+
+@pytest.mark.parametrize(
+    "pair, message",
+    [
+        ("n=abc", "param 'n': 'abc' is not an integer"),
+        ("n=0", "param 'n': must be at least 1, not 0"),
+        ("mode=slow", 'param \'mode\': must be one of "fast", "exact", not "slow"'),
+        ("label={{ nope }}", "param 'label': cannot render '{{ nope }}'"),
+        ("broken", "-p 'broken': write -p name=value"),
+    ],
+)
+def test_run_refuses_a_bad_value_before_anything_starts(tmp_path, pair, message):
+    path = write_pipeline(
+        tmp_path,
+        "p",
+        """
+        source: {git: x}
+        entrypoint: a.b:c
+        params:
+          n: {default: 2, type: integer, minimum: 1}
+          mode: {default: fast, enum: [fast, exact]}
+          label: "{{ ds }}"
+        """,
+    )
+    out = dagfactory("run", str(path), "-p", pair)
+    assert out.returncode == 1, out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr and "[dagfactory] bootstrap" not in out.stderr
+
+
+RETRY_JOB = """
+import os
+import pathlib
+
+
+def main(client, marker=""):
+    first = not pathlib.Path(marker).exists()
+    pathlib.Path(marker).touch()
+    address = client.scheduler.address
+    if first:  # lose the cluster the way a reclaimed spot host loses it
+        client.run_on_scheduler(os._exit, 1)
+    return {"scheduler": address, "answer": client.submit(sum, [1, 2, 3]).result()}
+"""
+
+
+@pytest.mark.e2e
+def test_run_retry_replaces_a_lost_cluster_and_tears_down_both(tmp_path, repo_factory):
+    repo = repo_factory("retry", {"retry_job.py": RETRY_JOB})
+    marker = tmp_path / "first-try-done"
+    path = write_pipeline(
+        tmp_path,
+        "retry",
+        f"""
+        retries: 1
+        retry_delay: 1s
+        source: {{git: {repo.path}}}
+        entrypoint: retry_job:main
+        params: {{marker: "{marker}"}}
+        cluster: {{workers: 1}}
+        """,
+    )
+    out = dagfactory("run", str(path))
+    assert out.returncode == 0, out.stderr
+    assert "retrying in 1s" in out.stderr
+    assert "does not answer; starting a new one under retry__cli_" in out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["answer"] == 6
+    first_address = out.stderr.split("Dask scheduler at ", 1)[1].split()[0]
+    assert result["scheduler"] != first_address  # the retry ran on the replacement
+    assert cluster_processes("retry__cli_") == []
 
 
 def test_new_writes_a_pipeline_that_validates(tmp_path):
@@ -115,3 +187,35 @@ def test_new_refuses_what_would_not_validate(tmp_path):
     assert out.returncode == 1
     assert "remote helper" in out.stderr
     assert not (tmp_path / "bad.yml").exists()
+
+
+IDLE_JOB = """
+import time
+
+
+def main(client, pause=0):
+    time.sleep(pause)  # work without Dask, longer than the cluster's idle timeout
+    return client.submit(sum, [1, 2, 3]).result()
+"""
+
+
+@pytest.mark.e2e
+def test_a_running_entry_point_keeps_a_short_idle_timeout_from_stopping_its_cluster(
+    tmp_path, repo_factory
+):
+    repo = repo_factory("idle", {"idle_job.py": IDLE_JOB})
+    path = write_pipeline(
+        tmp_path,
+        "idle",
+        f"""
+        source: {{git: {repo.path}}}
+        entrypoint: idle_job:main
+        params: {{pause: 20}}
+        cluster: {{workers: 1, idle_timeout: 6s}}
+        """,
+    )
+    out = dagfactory("run", str(path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "6"
+    assert "does not answer" not in out.stderr
+    assert cluster_processes("idle__cli_") == []

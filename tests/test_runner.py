@@ -1,22 +1,33 @@
 """The entry point runs in the pipeline's virtualenv, against a real local cluster."""
 
+import subprocess
+import sys
+import time
+
+import psutil
 import pytest
 
 from dagfactory.backends import ClusterContext, get_backend
+from dagfactory.backends.local import processes_of
 from dagfactory.errors import EntrypointError
 from dagfactory.load import load_file
-from dagfactory.runner import run_entrypoint
+from dagfactory.runner import check_entrypoint, run_entrypoint
 from dagfactory.spec import ClusterSpec
 from dagfactory.workspace import prepare, resolve_commit
-from tests.conftest import write_pipeline
+from tests.conftest import ROOT, write_pipeline
 
 pytestmark = pytest.mark.e2e
 
 JOBS = {
     "pkg/__init__.py": "",
     "pkg/helpers.py": "def square(x):\n    return x * x\n",
+    "pkg/broken.py": "import os\n\nraise ValueError('no config at import')\n",
+    "pkg/needs_pandas.py": "import pandas_not_installed_here  # noqa\n",
     "pkg/jobs.py": """\
+import math
+import os
 import sys
+import time
 
 from pkg.helpers import square
 
@@ -32,12 +43,44 @@ def not_json(client):
     return {1, 2}
 
 
+def with_nan(client):
+    return {"mean": math.nan, "xs": [1.5, math.inf, -math.inf], "ok": 2}
+
+
 def fails(client):
+    return _helper()
+
+
+def _helper():
     raise RuntimeError("the data is bad")
 
 
 def imports_airflow(client):
     import airflow  # noqa: F401
+
+
+def chatty(client, n=20000):
+    for i in range(n):
+        print(f"line {i}")
+    sys.stdout.write("\\r\\nno newline at the end")
+
+
+def trickle(client, folder, n=3):
+    # Prints line i only once the runner has handed line i-1 on: a runner that held lines
+    # back (until the end, or until a buffer filled) would make this wait forever.
+    for i in range(n):
+        print(f"tick {i}", flush=True)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(os.path.join(folder, f"seen-{i}")):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"tick {i} never reached the log")
+            time.sleep(0.01)
+    return n
+
+
+def sleeps(client):
+    print("sleeping", flush=True)
+    time.sleep(300)
 """,
 }
 
@@ -59,29 +102,48 @@ def cluster(tmp_path_factory):
     backend.down(handle)
 
 
+def _lines(chunks: list[str]) -> list[str]:
+    return "\n".join(chunks).split("\n")
+
+
 def test_result_comes_back_and_output_is_streamed(cluster):
     workspace, address = cluster
-    lines = []
+    chunks = []
     result = run_entrypoint(
-        workspace, "pkg.jobs:squares", {"n": 4, "label": "x"}, address, lines.append
+        workspace, "pkg.jobs:squares", {"n": 4, "label": "x"}, address, chunks.append
     )
     assert result == {"label": "x", "squares": [0, 1, 4, 9]}
-    assert "starting x" in lines and "to stderr" in lines
+    assert "starting x" in _lines(chunks) and "to stderr" in _lines(chunks)
 
 
-def test_an_exception_carries_the_users_traceback(cluster):
+def test_an_exception_prints_one_traceback_of_the_users_frames(cluster):
     workspace, address = cluster
+    chunks = []
     with pytest.raises(EntrypointError) as err:
-        run_entrypoint(workspace, "pkg.jobs:fails", {}, address, lambda _: None)
-    message = str(err.value)
-    assert "pkg.jobs:fails raised RuntimeError: the data is bad" in message
-    assert 'jobs.py", line' in message
+        run_entrypoint(workspace, "pkg.jobs:fails", {}, address, chunks.append)
+    assert str(err.value) == "pkg.jobs:fails raised RuntimeError: the data is bad; traceback above"
+    log = "\n".join(chunks)
+    assert log.count("Traceback (most recent call last)") == 1
+    assert "entry_shim.py" not in log
+    frames = [line.strip() for line in log.splitlines() if line.strip().startswith("File ")]
+    assert [f.split(", in ")[-1] for f in frames] == ["fails", "_helper"]
+    assert log.rstrip().endswith("RuntimeError: the data is bad")
 
 
 def test_a_result_that_is_not_json_is_refused(cluster):
     workspace, address = cluster
     with pytest.raises(EntrypointError, match="returned a set, which is not JSON"):
         run_entrypoint(workspace, "pkg.jobs:not_json", {}, address, lambda _: None)
+
+
+def test_nan_and_infinity_become_null_with_a_warning_naming_them(cluster):
+    workspace, address = cluster
+    chunks = []
+    result = run_entrypoint(workspace, "pkg.jobs:with_nan", {}, address, chunks.append)
+    assert result == {"mean": None, "xs": [1.5, None, None], "ok": 2}
+    warnings = [line for line in _lines(chunks) if "NaN or Infinity" in line]
+    assert len(warnings) == 1
+    assert 'result["mean"], result["xs"][1], result["xs"][2]' in warnings[0]
 
 
 def test_missing_function_and_bad_params_are_reported(cluster):
@@ -96,3 +158,121 @@ def test_the_virtualenv_has_no_airflow(cluster):
     workspace, address = cluster
     with pytest.raises(EntrypointError, match="No module named 'airflow'"):
         run_entrypoint(workspace, "pkg.jobs:imports_airflow", {}, address, lambda _: None)
+
+
+@pytest.mark.parametrize(
+    ("entrypoint", "expected"),
+    [
+        (
+            "pkg.jobz:squares",
+            r"entrypoint pkg.jobz:squares: no module 'pkg.jobz' in the code folder .+ "
+            r"\(source.subdir\); did you mean 'pkg.jobs'\?$",
+        ),
+        ("pkgg.jobs:squares", r"no module 'pkgg' in the code folder .+; did you mean 'pkg'\?$"),
+        (
+            "pkg.jobs:sqares",
+            r"^entrypoint pkg.jobs:sqares: module 'pkg.jobs' has no function 'sqares'; "
+            r"did you mean 'squares'\?$",
+        ),
+        (
+            "pkg.jobs:zzz",
+            r"has no function 'zzz'; its functions: chatty, fails, imports_airflow, not_json, "
+            r"sleeps, squares, trickle, with_nan$",
+        ),
+        (
+            "pkg.broken:main",
+            r"^entrypoint pkg.broken:main: importing pkg.broken raised ValueError: "
+            r"no config at import \(at pkg/broken.py:3\)$",
+        ),
+        (
+            "pkg.needs_pandas:main",
+            r"No module named 'pandas_not_installed_here' \(at pkg/needs_pandas.py:1\); add the "
+            r"package that provides it to source.requirements$",
+        ),
+    ],
+)
+def test_check_entrypoint_says_what_to_fix_in_one_line(cluster, entrypoint, expected):
+    workspace, _ = cluster
+    with pytest.raises(EntrypointError, match=expected) as err:
+        check_entrypoint(workspace, entrypoint)
+    assert "\n" not in str(err.value)
+
+
+def test_check_entrypoint_accepts_a_good_one_without_a_cluster(cluster):
+    workspace, _ = cluster
+    assert check_entrypoint(workspace, "pkg.jobs:squares") is None
+
+
+def test_a_burst_of_lines_arrives_complete_in_order_and_in_few_records(cluster):
+    workspace, address = cluster
+    chunks = []
+    run_entrypoint(workspace, "pkg.jobs:chatty", {"n": 20000}, address, chunks.append)
+    lines = _lines(chunks)
+    assert [line for line in lines if line.startswith("line ")] == [
+        f"line {i}" for i in range(20000)
+    ]
+    assert lines[-2:] == ["", "no newline at the end"]
+    assert len(chunks) < 200  # one record per line before
+
+
+def test_a_trickle_of_lines_is_handed_on_line_by_line(cluster, tmp_path):
+    workspace, address = cluster
+
+    def output(text: str) -> None:
+        for line in text.split("\n"):
+            if line.startswith("tick "):
+                (tmp_path / f"seen-{line.split()[1]}").touch()
+
+    folder = str(tmp_path)
+    assert run_entrypoint(workspace, "pkg.jobs:trickle", {"folder": folder}, address, output) == 3
+
+
+ORPHAN_CHILD = """
+import sys
+from pathlib import Path
+
+from dagfactory.runner import run_entrypoint
+from dagfactory.workspace import Workspace
+
+commit, code_dir, venv_dir, address, key = sys.argv[1:]
+workspace = Workspace(commit, Path(code_dir), Path(venv_dir))
+run_entrypoint(workspace, "pkg.jobs:sleeps", {}, address, lambda t: print(t, flush=True), key=key)
+"""
+
+
+def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for proc in procs:
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def test_the_entry_point_carries_the_marker_and_dies_with_its_task(cluster):
+    workspace, address = cluster
+    key = "t_runner_orphan"
+    task = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN_CHILD, workspace.commit, str(workspace.code_dir),
+         str(workspace.venv_dir), address, key],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert task.stdout is not None
+        for line in task.stdout:
+            if line.strip() == "sleeping":
+                break
+        marked = _alive(processes_of(key))
+        assert any("entry_shim.py" in " ".join(p.cmdline()) for p in marked)
+        task.kill()  # as the OOM killer or a lost Airflow worker would
+        task.wait()
+        deadline = time.monotonic() + 30
+        while _alive(processes_of(key)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _alive(processes_of(key)) == []
+    finally:
+        task.kill()
+        for proc in processes_of(key):
+            proc.kill()

@@ -192,6 +192,7 @@ class LocalBackend:
                 "host": socket.gethostname(),
                 "pids": [p.pid for p in procs.values()],
                 "state_dir": str(state),
+                "idle_timeout": idle,
             },
         )
         (state / "handle.json").write_text(json.dumps(handle.to_json()))
