@@ -219,3 +219,22 @@ def test_a_running_entry_point_keeps_a_short_idle_timeout_from_stopping_its_clus
     assert out.stdout.strip().splitlines()[-1] == "6"
     assert "does not answer" not in out.stderr
     assert cluster_processes("idle__cli_") == []
+
+
+@pytest.mark.e2e
+def test_run_warns_of_uncommitted_changes_and_worktree_runs_them(tmp_path, repo_factory):
+    repo = repo_factory("edit", {"edit_job.py": "def main(client):\n    return 'committed'\n"})
+    repo.write("edit_job.py", "def main(client):\n    return 'edited'\n")
+    path = write_pipeline(
+        tmp_path, "edit", f"source: {{git: {repo.path}}}\nentrypoint: edit_job:main\n"
+    )
+    out = dagfactory("run", str(path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == '"committed"'
+    assert "warning: 1 uncommitted change(s)" in out.stderr and "edit_job.py" in out.stderr
+    assert "--worktree" in out.stderr
+    out = dagfactory("run", str(path), "--worktree")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == '"edited"'
+    assert "warning" not in out.stderr
+    assert cluster_processes("edit__cli_") == []
