@@ -146,7 +146,7 @@ def _check_source(spec: PipelineSpec) -> Iterator[Finding]:
             ("source", "ref"),
             (
                 f"{ref!r} is not a valid git ref name ({reason}); write a branch, a tag or a "
-                "full commit sha, e.g. main or v1.2.0"
+                "commit sha, e.g. main or v1.2.0"
             ),
         )
     yield from _check_relative(("source", "subdir"), spec.source.subdir)

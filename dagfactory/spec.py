@@ -52,7 +52,8 @@ class SourceSpec:
         examples=["https://github.com/acme/pipelines.git", "../examples/wordcount"],
     )
     ref: str | None = doc(
-        "Branch, tag or full commit sha. Resolved to a commit once per run. "
+        "Branch, tag, or commit sha (full, or abbreviated when only one commit of the "
+        "remote's branches and tags starts with it). Resolved to a commit once per run. "
         "Default: the remote's HEAD.",
         None,
         examples=["main", "v1.2.0"],
@@ -69,8 +70,9 @@ class SourceSpec:
         examples=["requirements.txt", ["pandas>=2", "pyarrow"]],
     )
     connection: str | None = doc(
-        "Airflow connection id whose login and password authenticate to an https:// remote "
-        "(for the command line: the AIRFLOW_CONN_<ID> environment variable).",
+        "Airflow connection with the credentials: login and password (a token) for https://, "
+        "an SSH connection (private_key or key_file, host_key) for ssh:// and git@host:path. "
+        "For the command line: the AIRFLOW_CONN_<ID> environment variable.",
         None,
         examples=["github_pipelines"],
     )
