@@ -162,8 +162,12 @@ def _unship_code(client, name: str) -> None:
     """Remove the upload plugins, so that a shared cluster is left as the run found it.
 
     Otherwise every run adds one more plugin to the scheduler, and every worker that joins
-    later replays all of them.
+    later replays all of them. A client that lost its scheduler skips this: the plugins went
+    with that scheduler, and waiting for a reconnection would only delay the retry that
+    replaces it.
     """
+    if client.status != "running":
+        return
     for unregister in (client.unregister_scheduler_plugin, client.unregister_worker_plugin):
         try:
             unregister(name)

@@ -164,3 +164,28 @@ def cluster_processes(key_fragment: str = "") -> list:
         if mine and key_fragment in key and proc.status() != psutil.STATUS_ZOMBIE:
             found.append(proc)
     return found
+
+
+def run_key(dag_id: str, run_id: str) -> str:
+    """The cluster key of a DAG run, as the operators derive it."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{dag_id}__{run_id}")
+
+
+def marked_processes(key: str) -> list:
+    """Live processes carrying the exact marker of the run key `key`: its Dask processes and
+    its entry point's process (zombies, which run no code, are not counted)."""
+    import psutil
+
+    from dagfactory.backends.local import KEY_VARIABLE, cluster_dir
+
+    marker = str(cluster_dir(key))
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(KEY_VARIABLE) == marker and proc.status() != "zombie":
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
