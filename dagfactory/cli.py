@@ -1,4 +1,4 @@
-"""`dagfactory validate | schema | render | run | new`.
+"""`dagfactory validate | schema | render | run | new | clusters | prune`.
 
 `run` goes through the same steps as the Airflow tasks (`steps.py`), so a pipeline that runs on a
 laptop runs the same way in Airflow.
@@ -13,13 +13,9 @@ import logging
 import os
 import signal
 import sys
-import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from dagfactory.errors import DagfactoryError, SpecError, SpecProblem
 from dagfactory.load import (
@@ -163,9 +159,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from dagfactory.schema import schema_text
+    from dagfactory.schema import installed_schema_path, schema_text
 
-    if args.write:
+    if args.path:
+        print(installed_schema_path())
+    elif args.write:
         Path(args.write).write_text(schema_text())
     else:
         sys.stdout.write(schema_text())
@@ -189,78 +187,10 @@ def cmd_render(args: argparse.Namespace) -> int:
 # --- run -------------------------------------------------------------------------------------
 
 
-def _parse_params(pairs: list[str]) -> dict[str, Any]:
-    params = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name:
-            raise DagfactoryError(f"-p {pair!r}: write -p name=value")
-        params[name] = yaml.safe_load(value) if value else ""
-    return params
-
-
-def _render(params: dict[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
-    """The Jinja rendering Airflow does at run time, with the macros a laptop run can know."""
-    import jinja2
-
-    now = datetime.now(UTC)
-    context = {
-        "ds": now.strftime("%Y-%m-%d"),
-        "ds_nodash": now.strftime("%Y%m%d"),
-        "ts": now.isoformat(),
-        "logical_date": now,
-        "run_id": run_id,
-        "dag": {"dag_id": dag_id},
-        "params": params,
-    }
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
-
-    def render(value: Any) -> Any:
-        if isinstance(value, str):
-            return env.from_string(value).render(context)
-        if isinstance(value, dict):
-            return {k: render(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [render(v) for v in value]
-        return value
-
-    return render(params)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    from dagfactory import steps
-    from dagfactory.workspace import credentials_from_env
+    from dagfactory.command_run import run_pipeline
 
-    spec = _load_one(args.file)
-    overrides = _parse_params(args.param or [])
-    unknown = sorted(set(overrides) - set(spec.params))
-    if unknown:
-        raise DagfactoryError(
-            f"-p {', '.join(unknown)}: not a param of {args.file}; "
-            f"declared params: {', '.join(spec.params) or 'none'}"
-        )
-    run_id = f"cli_{datetime.now(UTC):%Y%m%dT%H%M%S}_{os.getpid()}"
-    key = f"{spec.dag_id}__{run_id}"
-    params = _render({**spec.params, **overrides}, spec.dag_id, run_id)
-    credentials = credentials_from_env(spec.source.connection)
-    started = time.monotonic()
-
-    def step(name: str) -> None:
-        _err(f"[dagfactory] {name} ({time.monotonic() - started:.1f}s)")
-
-    step("bootstrap")
-    commit = steps.bootstrap(spec, credentials, _err)["commit"]
-    step("cluster_up")
-    handle = steps.cluster_up(spec, commit, key, credentials, _err)
-    try:
-        step("run")
-        result = steps.run(spec, commit, handle, params, credentials, _err)
-    finally:
-        step("teardown")
-        steps.teardown(spec, handle, key)
-        step("done")
-    print(json.dumps(result), flush=True)
-    return EXIT_OK
+    return run_pipeline(_load_one(args.file), args.param or [], worktree=args.worktree)
 
 
 # --- new -------------------------------------------------------------------------------------
@@ -283,18 +213,16 @@ cluster:
 
 
 def cmd_new(args: argparse.Namespace) -> int:
-    """Write a commented pipeline file that validates as it is."""
+    """Write a commented pipeline file that validates as it is, and that editors check."""
+    from dagfactory.schema import locate_schema, write_schema
+
     folder = Path(args.dir)
     target = folder / f"{args.name}.yml"
     if target.exists():
         raise UsageError(f"{target} exists already; pick another name or edit it")
-    schema = Path("schemas") / "pipeline.schema.json"
-    schema_line = ""
-    if schema.is_file():
-        relative = os.path.relpath(schema.resolve(), folder.resolve())
-        schema_line = f"# yaml-language-server: $schema={relative}\n"
+    schema = locate_schema(folder)
     text = _NEW_TEMPLATE.format(
-        schema_line=schema_line,
+        schema_line=f"# yaml-language-server: $schema={schema.reference}\n",
         description=json.dumps(args.description or f"The {args.name} pipeline"),
         git=json.dumps(args.git),
         entrypoint=args.entrypoint,
@@ -306,7 +234,61 @@ def cmd_new(args: argparse.Namespace) -> int:
     except SpecError:
         target.unlink()
         raise
+    if not schema.exists:
+        write_schema(schema.path)
+        _err(f"wrote {schema.path}: the schema editors check pipeline files against")
+    elif schema.stale:
+        _err(
+            f"note: {schema.path} differs from this dagfactory's schema; to update it: "
+            f"dagfactory schema --write {schema.path}"
+        )
     print(target)
+    return EXIT_OK
+
+
+# --- clusters / prune ------------------------------------------------------------------------
+
+
+def cmd_clusters(args: argparse.Namespace) -> int:
+    """List this home's clusters on this host; stop one or all of them through their backend."""
+    from dagfactory import census
+
+    if args.stop or args.stop_all:
+        if args.stop_all:
+            stopped = census.stop_all()
+        else:
+            info = census.stop(args.stop)
+            if info is None:
+                known = ", ".join(c.key for c in census.census()) or "none"
+                raise UsageError(f"no cluster {args.stop!r} on this host; clusters here: {known}")
+            stopped = [info]
+        if args.format == "json":
+            print(json.dumps([c.to_json() for c in stopped], indent=2))
+        for c in stopped if args.format == "text" else []:
+            print(f"stopped {c.key} ({c.state}, {c.processes} process(es))")
+        if not stopped and args.format == "text":
+            _err("no clusters to stop")
+        return EXIT_OK
+    clusters = census.census()
+    if args.format == "json":
+        print(json.dumps([c.to_json() for c in clusters], indent=2))
+    elif clusters:
+        print(census.table(clusters))
+    else:
+        _err(f"no clusters of {census.clusters_root().parent} on this host")
+    return EXIT_OK
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Remove checkouts, virtualenvs and git mirrors no run has used for --days days."""
+    import time
+
+    from dagfactory.prune import prune, report_lines
+
+    now = time.time()
+    report = prune(args.days, dry_run=args.dry_run, now=now)
+    for line in report_lines(report, args.days, args.dry_run, now):
+        print(line)
     return EXIT_OK
 
 
@@ -324,14 +306,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", choices=["text", "github", "json"], default="text")
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("schema", help="print the JSON Schema of a pipeline file")
-    p.add_argument("--write", metavar="FILE", help="write it to FILE instead")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--write", metavar="FILE", help="write it to FILE instead")
+    what.add_argument("--path", action="store_true", help="print the installed schema file's path")
     p.set_defaults(func=cmd_schema)
     p = sub.add_parser("render", help="print a pipeline's spec with defaults filled in")
     p.add_argument("file")
     p.set_defaults(func=cmd_render)
     p = sub.add_parser("run", help="run a pipeline end to end on this machine, no Airflow needed")
     p.add_argument("file")
-    p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE", help="override a param")
+    p.add_argument(
+        "-p", "--param", action="append", metavar="NAME=VALUE",
+        help="a param's value, read by its type: text as it is, numbers, true/false, JSON lists",
+    )  # fmt: skip
+    p.add_argument(
+        "--worktree",
+        action="store_true",
+        help="run a local repository's working tree as it is, uncommitted changes included",
+    )
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("new", help="write a new pipeline file to start from")
     p.add_argument("name", help="the file name, and so the DAG id")
@@ -340,6 +332,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--description", default="")
     p.add_argument("--dir", default="pipelines", help="the pipelines folder (default: pipelines)")
     p.set_defaults(func=cmd_new)
+    p = sub.add_parser("clusters", help="list the clusters started from here; stop them")
+    p.add_argument("--stop", metavar="KEY", help="stop the cluster with this key")
+    p.add_argument("--stop-all", action="store_true", help="stop every cluster listed")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(func=cmd_clusters)
+    p = sub.add_parser("prune", help="remove cached checkouts, virtualenvs, git mirrors unused")
+    p.add_argument(
+        "--days", type=float, default=30, help="not used for this many days (default 30)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
+    p.set_defaults(func=cmd_prune)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     signal.signal(signal.SIGTERM, _terminate)

@@ -94,6 +94,7 @@ class ParamSpec:
         "The value used when a run does not give one (Jinja strings such as '{{ ds }}' are "
         "rendered at run time).",
         _REQUIRED,
+        examples=[64, "{{ ds }}"],
     )
     type: str | tuple[str, ...] | None = doc(
         "JSON type of the value, or a list of types. Default: the type of the default value.",
@@ -104,16 +105,20 @@ class ParamSpec:
         ],
         examples=["integer", ["string", "null"]],
     )
-    description: str = doc("Shown under the param in Airflow's trigger form.", "")
-    title: str = doc("Label of the param in Airflow's trigger form.", "")
+    description: str = doc(
+        "Shown under the param in Airflow's trigger form.", "", examples=["Rows per chunk"]
+    )
+    title: str = doc("Label of the param in Airflow's trigger form.", "", examples=["Chunk size"])
     enum: tuple[Any, ...] | None = doc("The only values allowed.", None, examples=[["a", "b"]])
-    minimum: float | None = doc("Smallest number allowed.", None)
-    maximum: float | None = doc("Largest number allowed.", None)
-    minLength: int | None = doc("Shortest text allowed.", None, minimum=0)
-    maxLength: int | None = doc("Longest text allowed.", None, minimum=0)
-    pattern: str | None = doc("Regular expression a text must match.", None)
-    items: dict[str, Any] | None = doc("JSON Schema of the items of a list.", None)
-    examples: tuple[Any, ...] | None = doc("Example values.", None)
+    minimum: float | None = doc("Smallest number allowed.", None, examples=[1])
+    maximum: float | None = doc("Largest number allowed.", None, examples=[100])
+    minLength: int | None = doc("Shortest text allowed.", None, minimum=0, examples=[1])
+    maxLength: int | None = doc("Longest text allowed.", None, minimum=0, examples=[64])
+    pattern: str | None = doc("Regular expression a text must match.", None, examples=["^[a-z_]+$"])
+    items: dict[str, Any] | None = doc(
+        "JSON Schema of the items of a list.", None, examples=[{"type": "integer"}]
+    )
+    examples: tuple[Any, ...] | None = doc("Example values.", None, examples=[[16, 64]])
 
 
 @dataclass(frozen=True)

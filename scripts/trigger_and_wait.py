@@ -63,7 +63,9 @@ def main() -> int:
             if str(run.state) in ("success", "failed"):
                 row = session.scalars(
                     XComModel.get_many(
-                        run_id=run_id, dag_ids=args.dag_id, task_ids="pipeline.run",
+                        run_id=run_id,
+                        dag_ids=args.dag_id,
+                        task_ids="pipeline.run",
                         key="return_value",
                     )
                 ).first()

@@ -172,7 +172,8 @@ def test_new_writes_a_pipeline_that_validates(tmp_path):
     text = path.read_text()
     assert text.startswith("# yaml-language-server: $schema=")
     schema_ref = text.splitlines()[0].split("=", 1)[1]
-    assert (path.parent / schema_ref).resolve() == ROOT / "schemas" / "pipeline.schema.json"
+    assert (path.parent / schema_ref).resolve() == tmp_path / "schemas" / "pipeline.schema.json"
+    assert not schema_ref.startswith("/")
     assert dagfactory("validate", str(path)).returncode == 0
     again = dagfactory(
         "new", "daily_sales", "--git", "x", "--entrypoint", "a:b", "--dir", str(path.parent)
