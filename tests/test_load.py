@@ -101,3 +101,29 @@ def test_a_bug_in_a_check_becomes_a_problem_of_that_file_only(tmp_path, monkeypa
     (problem,) = result.problems
     assert problem.file.endswith("trips.yml") and problem.line == 1
     assert "KeyError" in problem.message and "bug in dagfactory" in problem.message
+
+
+def test_duration_and_size_patterns_accept_what_dask_reads_and_nothing_else():
+    """The schema's patterns and Dask's parsers agree, so an editor and a run read alike."""
+    import re
+
+    from dask.utils import byte_sizes, parse_bytes, parse_timedelta, timedelta_sizes
+
+    from dagfactory.spec import DURATION_PATTERN, DURATION_UNITS, SIZE_PATTERN, parse_duration
+
+    sub_millisecond = {"ns", "nanosecond", "nanoseconds", "us", "microsecond", "microseconds"}
+    for unit in timedelta_sizes:
+        text = f"2 {unit}"
+        if unit.lower() in sub_millisecond or unit not in DURATION_UNITS:
+            # dask also knows upper-case spellings and sub-millisecond units; a pipeline
+            # duration is written in lower case, from milliseconds up
+            assert unit.lower() in sub_millisecond or unit.lower() in DURATION_UNITS, unit
+            continue
+        assert re.match(DURATION_PATTERN, text), unit
+        assert parse_duration(text).total_seconds() == parse_timedelta(text)
+    for unit in byte_sizes:
+        for text in (f"3{unit}", f"1.5 {unit.upper()}"):
+            assert re.match(SIZE_PATTERN, text), text
+            parse_bytes(text)  # and Dask reads it
+    for bad in ("1h30m", "one hour", "90", "1e3s", "-5m"):
+        assert not re.match(DURATION_PATTERN, bad), bad
