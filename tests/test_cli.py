@@ -48,7 +48,7 @@ def test_render_fills_in_defaults():
     out = dagfactory("render", "pipelines/wordcount.yml")
     assert out.returncode == 0
     spec = json.loads(out.stdout)
-    assert spec["dag_id"] == "wordcount" and spec["cluster"]["idle_timeout"] == "1h"
+    assert spec["dag_id"] == "wordcount" and spec["cluster"]["idle_timeout"] == "5m"
 
 
 @pytest.mark.e2e
