@@ -3,12 +3,14 @@ dagfactory cache shared by the whole session (so that virtualenvs are built once
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +44,43 @@ def pytest_sessionfinish(session, exitstatus):
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
     shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
+def _marked_processes(roots: tuple[str, ...]) -> list:
+    """Live processes that carry a cluster marker under one of this session's folders."""
+    import psutil
+
+    from dagfactory.backends.local import KEY_VARIABLE
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            marker = proc.environ().get(KEY_VARIABLE, "")
+            if marker.startswith(roots) and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_process_of_a_run_outlives_its_module(tmp_path_factory):
+    """The census after every test module: every process a run starts carries its run key, so
+    a leak anywhere (a cluster, an entry point) fails the module that caused it."""
+    yield
+    import psutil
+
+    roots = (str(_SESSION_DIR), str(tmp_path_factory.getbasetemp()))
+    deadline = time.monotonic() + 45  # workers may take their death timeout to follow
+    while (left := _marked_processes(roots)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if left:
+        shown = []
+        for proc in left:
+            with contextlib.suppress(psutil.Error):
+                shown.append(f"{proc.pid} {' '.join(proc.cmdline())[:160]}")
+                proc.kill()
+        pytest.fail("processes of a run outlived their test module:\n" + "\n".join(shown))
 
 
 def git(cwd: Path, *args: str) -> str:
