@@ -3,12 +3,13 @@
 import json
 import os
 import signal
+import time
 import urllib.request
 
 import pytest
 
 from dagfactory.backends import ClusterContext, ClusterHandle, backend_names, get_backend
-from dagfactory.backends.local import cluster_dir
+from dagfactory.backends.local import cluster_dir, processes_of
 from dagfactory.errors import ClusterError
 from dagfactory.spec import ClusterSpec
 from dagfactory.workspace import virtualenv
@@ -119,3 +120,21 @@ def test_existing_backend_connects_and_never_stops_the_cluster(python, tmp_path)
             )
     finally:
         local.down(shared)
+
+
+def test_down_stops_a_cluster_it_cannot_see_through_dasks_protocol(python, tmp_path, monkeypatch):
+    """Teardown on another host: no marked process is visible there, only the handle."""
+    backend = get_backend("local")
+    handle = backend.up(ClusterSpec(workers=2), ClusterContext("t_remote", python, str(tmp_path)))
+    started = cluster_processes("t_remote")
+    assert len(started) >= 3  # scheduler, worker parent, nannies and workers
+    with monkeypatch.context() as elsewhere:
+        elsewhere.setenv("DAGFACTORY_HOME", str(tmp_path / "another-host"))
+        assert processes_of("t_remote") == []  # "another host": its census sees nothing
+        backend.down(handle)  # the census of "another host" finds none of them
+    deadline = time.monotonic() + 60
+    while cluster_processes("t_remote") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cluster_processes("t_remote") == []
+    backend.down(handle)  # twice, harmlessly; also removes the state folder here
+    assert not cluster_dir("t_remote").exists()

@@ -70,6 +70,32 @@ class ClusterBackend(Protocol):
         """Stop everything the handle names. Idempotent."""
 
 
+def shut_down_scheduler(address: str, timeout: float = 3.0) -> bool:
+    """Ask a Dask scheduler to close, with its workers and nannies: Dask's own protocol, which
+    works from any host that reaches the address. False when it could not be asked (gone
+    already, unreachable); never raises, because teardown must go on to its fallbacks.
+
+    A raw message, not a Client: a client whose `distributed` differs from the cluster's
+    would print Dask's version table, and connecting one costs a second.
+    """
+    import asyncio
+
+    async def terminate() -> None:
+        from distributed.comm import connect
+
+        comm = await connect(address, timeout=timeout)
+        try:
+            await comm.write({"op": "terminate", "reply": False})
+        finally:
+            await comm.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(terminate(), timeout))
+    except Exception:
+        return False
+    return True
+
+
 def scheduler_answers(address: str, timeout: float = 5.0) -> bool:
     """A TCP connection to the scheduler's address opens: it is there (or its host is)."""
     url = urlsplit(address)

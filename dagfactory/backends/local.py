@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psutil
 
-from dagfactory.backends import ClusterContext, ClusterHandle
+from dagfactory.backends import ClusterContext, ClusterHandle, shut_down_scheduler
 from dagfactory.errors import ClusterError
 from dagfactory.spec import ClusterSpec, parse_duration, parse_size
 from dagfactory.workspace import dagfactory_home
@@ -97,6 +97,14 @@ def _stop(key: str) -> int:
             proc.kill()
     _wait_ended(procs, 5)
     return len(procs)
+
+
+def _recorded_address(key: str) -> str:
+    """The scheduler address a cluster of this host recorded at start ('' if none)."""
+    try:
+        return json.loads((cluster_dir(key) / "handle.json").read_text())["scheduler_address"]
+    except (OSError, ValueError, KeyError):
+        return ""
 
 
 class _PortTaken(Exception):
@@ -239,6 +247,11 @@ class LocalBackend:
             return False
 
     def down(self, handle: ClusterHandle) -> None:
+        """Dask's shutdown first (it reaches the cluster from any host), then every process of
+        the key on this host (the fallback: a hung scheduler, orphans, the entry point)."""
+        address = handle.scheduler_address or _recorded_address(handle.key)
+        if address and shut_down_scheduler(address):
+            log.info("asked the Dask scheduler at %s to shut down", address)
         stopped = _stop(handle.key)
         if stopped:
             log.info("stopped %d process(es) of cluster %s", stopped, handle.key)
