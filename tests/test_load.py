@@ -20,7 +20,9 @@ def test_the_example_pipeline_loads_with_its_declared_values():
     assert spec.entrypoint == "wordcount.job:main"
     assert spec.entry_module == "wordcount.job" and spec.entry_function == "main"
     assert spec.start_date == date(2026, 1, 1)
-    assert spec.params == {"chunks": 64, "top": 5, "label": "{{ ds }}"}
+    assert spec.param_defaults == {"chunks": 64, "top": 5, "label": "{{ ds }}"}
+    assert spec.param_specs["chunks"].type == "integer" and spec.param_specs["chunks"].minimum == 1
+    assert spec.retries == 1 and spec.dagrun_timeout == "1h"
     assert spec.cluster.backend == "local" and spec.cluster.workers == 2
     assert spec.source.subdir == "examples/wordcount"
 
