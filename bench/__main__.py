@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         results = json.loads(results_file.read_text())
     else:
-        results = json.loads(results_file.read_text()) if args.only else {}
+        earlier = args.only and results_file.exists()  # --only adds to the last full results
+        results = json.loads(results_file.read_text()) if earlier else {}
         results = run(plan_name, plan, args.only or list(SECTIONS), results, results_file)
     out = report.write(results, args.out, quick=args.quick)
     log(f"wrote {out}")
