@@ -9,11 +9,13 @@ process left. The time from the fault to an empty census is printed (run with -s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -84,12 +86,20 @@ def _pipeline(folder: Path, dag_id: str, repo, entrypoint: str, extra: str = "",
     )
 
 
-def _start(path: Path, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(
+@contextlib.contextmanager
+def _started(path: Path, **kwargs) -> Iterator[subprocess.Popen]:
+    """`dagfactory run FILE` as a user starts it; killed on the way out if a test failed."""
+    proc = subprocess.Popen(
         [sys.executable, "-m", "dagfactory.cli", "run", str(path)],
         stdin=subprocess.DEVNULL,
         **kwargs,
     )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _entry_points(entrypoint: str) -> list[psutil.Process]:
@@ -147,18 +157,13 @@ def test_a_stop_signal_tears_the_cluster_down_and_exits_non_zero(
 ):
     dag_id = f"cli_{entrypoint}"
     path = _pipeline(tmp_path, dag_id, jobs_repo, entrypoint)
-    proc = _start(path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with _started(path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         note = wait_ready(tmp_path, dag_id, proc)
         assert [p.pid for p in _entry_points(entrypoint)] == [note["pid"]]
         assert cluster_processes(f"/{dag_id}__cli_")  # a cluster to tear down
         proc.send_signal(sig)
         fault = time.monotonic()
         out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode != 0, err
     assert "woke up" not in out
     wait_zero(dag_id, entrypoint, fault, 30, f"dagfactory run, {sig.name}")
@@ -168,18 +173,13 @@ def test_output_that_goes_away_never_skips_the_teardown(tmp_path, jobs_repo):
     """`dagfactory run FILE 2>&- | head -c 1`: stderr closed, stdout read once, then closed."""
     dag_id = "cli_chatty"
     path = _pipeline(tmp_path, dag_id, jobs_repo, "chatty")
-    proc = _start(path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc.stderr.close()  # every write to stderr now fails with EPIPE
-    try:
+    with _started(path, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        proc.stderr.close()  # every write to stderr now fails with EPIPE
         first = proc.stdout.read(1)  # stdout gets the result only: after the teardown
         at_first_byte = census(dag_id, "chatty")
         proc.stdout.close()
         fault = time.monotonic()
         proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert first == b"{"
     assert (tmp_path / f"{dag_id}.json").exists()  # the job ran to its end, output or not
     assert at_first_byte == [], "the result was printed before the cluster was torn down"
@@ -189,16 +189,11 @@ def test_output_that_goes_away_never_skips_the_teardown(tmp_path, jobs_repo):
 def test_timeout_stops_the_run_and_exits_non_zero(tmp_path, jobs_repo):
     dag_id = "cli_times_out"
     path = _pipeline(tmp_path, dag_id, jobs_repo, "times_out", "timeout: 5s", seconds=60)
-    proc = _start(path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with _started(path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         wait_ready(tmp_path, dag_id, proc)
         ready = time.monotonic()
         # the 60 s job must not be waited for: the bound is well under it
         out, err = proc.communicate(timeout=40)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode != 0, err
     assert "woke up" not in out
     assert "timeout" in err.lower() or "timed out" in err.lower(), err
