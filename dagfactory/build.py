@@ -63,19 +63,41 @@ def build_dag(spec: PipelineSpec) -> DAG:
         TaskGroup(GROUP, tooltip=f"{spec.entrypoint} on a {spec.cluster.backend} cluster"),
     ):
         bootstrap = BootstrapOperator(task_id="bootstrap", spec=spec)
-        cluster_up = ClusterUpOperator(task_id="cluster_up", spec=spec, workspace=bootstrap.output)
+        cluster_up = ClusterUpOperator(
+            task_id="cluster_up",
+            spec=spec,
+            workspace=bootstrap.output,
+            **_drives_cluster(spec, priority=1),
+        )
         run = RunOperator(
             task_id="run",
             spec=spec,
             workspace=bootstrap.output,
             cluster=cluster_up.output,
             execution_timeout=parse_duration(spec.timeout) if spec.timeout else None,
+            **_drives_cluster(spec, priority=2),
         )
         teardown = TeardownOperator(task_id="teardown", spec=spec, cluster=cluster_up.output)
         # Not on_failure_fail_dagrun: with it, Airflow judges the run by the teardown alone
         # and a failed entry point would leave the DAG run green.
         bootstrap >> cluster_up >> run >> teardown.as_teardown(setups=cluster_up)
     return dag
+
+
+def _drives_cluster(spec: PipelineSpec, priority: int) -> dict[str, object]:
+    """Queue, pool and priority of the tasks that start and use a cluster.
+
+    The pool's slot is held from cluster_up until run ends. A run that holds a cluster goes
+    first when slots free up (absolute weights: run over cluster_up), so a new cluster does not
+    start between another run's cluster_up and its run. Teardown takes no slot: stopping a
+    cluster never waits for a quota.
+    """
+    options: dict[str, object] = {"priority_weight": priority, "weight_rule": "absolute"}
+    if spec.queue:
+        options["queue"] = spec.queue
+    if spec.cluster.pool:
+        options["pool"] = spec.cluster.pool
+    return options
 
 
 def build_invalid_dag(dag_id: str, problems: Sequence[SpecProblem]) -> DAG:

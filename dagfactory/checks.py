@@ -50,6 +50,8 @@ def check_data(data: dict[str, Any]) -> Iterator[Finding]:
         yield from _check_json(("params",), params)
         yield from _check_param_forms(params)
     cluster = data.get("cluster")
+    if isinstance(cluster, dict):
+        yield from _check_backend_fields(cluster)
     if isinstance(cluster, dict) and cluster.get("backend") == "existing":
         for key in ("workers", "cpu", "memory"):
             if key in cluster:
@@ -57,6 +59,35 @@ def check_data(data: dict[str, Any]) -> Iterator[Finding]:
                     ("cluster", key),
                     f"the 'existing' backend uses the cluster as it is; '{key}' has no effect "
                     "there: remove it, or size the cluster where it is started",
+                )
+
+
+# Cluster settings that mean something to one built-in backend only.
+BACKEND_FIELDS = {
+    "local": ("listen",),
+    "existing": ("address",),
+    "fargate": (
+        "spot", "region", "aws_conn_id", "image", "subnets", "security_groups", "allow_from",
+        "public_ip", "ecs_cluster", "scheduler_cpu", "scheduler_memory", "execution_role",
+        "task_role", "log_group", "tags",
+    ),
+}  # fmt: skip
+
+
+def _check_backend_fields(cluster: dict[str, Any]) -> Iterator[Finding]:
+    """A setting of another backend is a mistake worth a word: it would silently do nothing."""
+    backend = cluster.get("backend", "local")
+    if not isinstance(backend, str) or backend not in BACKEND_FIELDS:
+        return  # a third-party backend (or no backend at all: the schema says so): its settings are its own business
+    for owner, names in BACKEND_FIELDS.items():
+        if owner == backend:
+            continue
+        for name in names:
+            if name in cluster:
+                yield (
+                    ("cluster", name),
+                    f"'{name}' applies to the '{owner}' backend only, and this cluster's backend "
+                    f"is '{backend}'; remove it (or set backend: {owner})",
                 )
 
 
@@ -274,3 +305,14 @@ def _check_cluster(spec: PipelineSpec) -> Iterator[Finding]:
         )
     if parse_size(cluster.memory) == 0:
         yield ("cluster", "memory"), f"{cluster.memory!r} is zero; write e.g. 2GiB"
+    if cluster.backend == "fargate":
+        from dagfactory.backends.fargate import task_size_problem
+
+        sizes = (
+            ("cpu", "memory", cluster.cpu, cluster.memory),
+            ("scheduler_cpu", "scheduler_memory", cluster.scheduler_cpu, cluster.scheduler_memory),
+        )
+        for cpu_field, memory_field, cpu, memory in sizes:
+            problem = task_size_problem(cpu, parse_size(memory))
+            if problem:
+                yield ("cluster", memory_field if "memory" in problem else cpu_field), problem

@@ -95,6 +95,7 @@ def run_entrypoint(
     output: Callable[[str], None] = print,
     key: str = "",
     keepalive: float = 0.0,
+    cluster_env: dict[str, str] | None = None,
 ) -> Any:
     """Run `entrypoint(client, **params)` against the scheduler; return its JSON result.
 
@@ -102,7 +103,8 @@ def run_entrypoint(
     lines (without the last newline). `key` is the run's cluster key: the entry point's
     process carries the cluster's marker, so that teardown finds it. `keepalive`: seconds
     between the tiny tasks that keep a cluster with an idle timeout from stopping while the
-    entry point runs (0: none).
+    entry point runs (0: none). `cluster_env`: what a client of the cluster needs in its
+    environment (its TLS settings, say).
 
     The entry point's process dies with this thread: Linux's parent-death signal fires when
     the thread that forked it ends, and this thread waits for it to the end.
@@ -124,7 +126,7 @@ def run_entrypoint(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             cwd=workspace.code_dir,
-            env=_env(key),
+            env={**_env(key), **(cluster_env or {})},
             bufsize=0,
             start_new_session=True,
             preexec_fn=_die_with_parent(),

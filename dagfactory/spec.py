@@ -127,13 +127,14 @@ class ClusterSpec:
 
     backend: str = doc(
         "Cluster kind: 'local' starts scheduler and worker processes on this host; 'existing' "
-        "connects to a scheduler someone else runs (needs 'address'). Editors offer these "
+        "connects to a scheduler someone else runs (needs 'address'); 'fargate' starts the "
+        "scheduler and workers as AWS ECS Fargate tasks for the run. Editors offer these "
         "built-in kinds only; dagfactory validate also accepts a backend installed through the "
         "'dagfactory.backends' entry point group.",
         "local",
-        examples=["local", "existing"],
+        examples=["local", "existing", "fargate"],
         # A closed list lets the editor flag a typo; validation checks the installed backends.
-        editor={"enum": ["local", "existing"]},
+        editor={"enum": ["local", "existing", "fargate"]},
     )
     workers: int = doc("Number of Dask workers.", 2, minimum=1, maximum=1000, examples=[4])
     cpu: int = doc(
@@ -145,10 +146,134 @@ class ClusterSpec:
         pattern=SIZE_PATTERN,
         examples=["2GiB", "512MiB"],
     )
+    spot: bool = doc(
+        "Fargate: workers on FARGATE_SPOT capacity (much cheaper; AWS may reclaim a worker, and "
+        "a retry of the run replaces a lost cluster); the scheduler always on FARGATE.",
+        False,
+    )
+    region: str | None = doc(
+        "Fargate: AWS region. Default: the Airflow connection's, else the standard AWS chain's "
+        "(AWS_DEFAULT_REGION, ~/.aws/config).",
+        None,
+        pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]+$",
+        examples=["eu-west-2"],
+    )
+    aws_conn_id: str = doc(
+        "Fargate: Airflow connection with the AWS credentials (apache-airflow-providers-amazon). "
+        "When it does not exist, and in dagfactory run, the standard AWS chain is used "
+        "(environment, ~/.aws, instance or task role).",
+        "aws_default",
+        minLength=1,
+        examples=["aws_default"],
+    )
+    image: str | None = doc(
+        "Fargate: container image of the scheduler and workers. Default: the stock Dask image "
+        "whose distributed and Python match the pipeline's (ghcr.io/dask/dask:<version>-py<x.y>); "
+        "the pipeline's requirements are installed into it at start (EXTRA_PIP_PACKAGES).",
+        None,
+        minLength=1,
+        examples=["ghcr.io/dask/dask:2026.8.0-py3.11"],
+    )
+    subnets: tuple[str, ...] = doc(
+        "Fargate: subnets of the tasks. Default: the default VPC's subnets. Tasks get private IPs "
+        "only (see public_ip).",
+        tuple,
+        items={"type": "string", "pattern": r"^subnet-[0-9a-f]+$", "examples": ["subnet-0a1b2c3d"]},
+        examples=[["subnet-0a1b2c3d"]],
+    )
+    security_groups: tuple[str, ...] = doc(
+        "Fargate: security groups of the tasks. Default: a group made for the run that admits the "
+        "scheduler and dashboard ports only from allow_from, and itself (workers and scheduler), "
+        "deleted at teardown.",
+        tuple,
+        items={"type": "string", "pattern": r"^sg-[0-9a-f]+$", "examples": ["sg-0a1b2c3d"]},
+        examples=[["sg-0a1b2c3d"]],
+    )
+    allow_from: tuple[str, ...] = doc(
+        "Fargate: who may reach the scheduler (8786) and dashboard (8787) of the run's own "
+        "security group: CIDR blocks or security group ids (e.g. the Airflow workers'). "
+        "Default: the VPC's CIDR block.",
+        tuple,
+        items={
+            "type": "string",
+            "pattern": r"^(sg-[0-9a-f]+|[0-9.]+/[0-9]+)$",
+            "examples": ["sg-0a1b2c3d", "10.1.0.0/16"],
+        },
+        examples=[["sg-0a1b2c3d", "10.1.0.0/16"]],
+    )
+    public_ip: bool = doc(
+        "Fargate: give the tasks public IPs. Only for subnets with no NAT gateway, where a task "
+        "could not otherwise pull its image; the run's security group still admits only "
+        "allow_from.",
+        False,
+    )
+    ecs_cluster: str = doc(
+        "Fargate: the ECS cluster the tasks run in; made (with the FARGATE and FARGATE_SPOT "
+        "capacity providers) if it does not exist, and never deleted.",
+        "dagfactory",
+        pattern=r"^[A-Za-z0-9_-]{1,255}$",
+        examples=["dagfactory", "data-eng"],
+    )
+    scheduler_cpu: int = doc(
+        "Fargate: vCPUs of the scheduler's task.", 1, minimum=1, maximum=16, examples=[2]
+    )
+    scheduler_memory: str = doc(
+        "Fargate: memory of the scheduler's task.",
+        "4GiB",
+        pattern=SIZE_PATTERN,
+        examples=["4GiB", "8GiB"],
+    )
+    execution_role: str | None = doc(
+        "Fargate: IAM role (name or ARN) ECS uses to pull the image and send the logs to "
+        "CloudWatch. Default: ecsTaskExecutionRole.",
+        None,
+        minLength=1,
+        examples=["ecsTaskExecutionRole"],
+    )
+    task_role: str | None = doc(
+        "Fargate: IAM role (name or ARN) of the scheduler and workers, for what the pipeline's "
+        "code reads and writes (S3, say). Default: none.",
+        None,
+        minLength=1,
+        examples=["pipeline-data-access"],
+    )
+    log_group: str = doc(
+        "Fargate: CloudWatch Logs group of the scheduler and workers (made if missing, with a "
+        "30-day retention); each run's streams start with its run id.",
+        "/dagfactory",
+        pattern=r"^[.\-_/#A-Za-z0-9]{1,512}$",
+        examples=["/dagfactory"],
+    )
+    tags: dict[str, str] = doc(
+        "Fargate: tags on every AWS resource of the run, besides dagfactory's own "
+        "(dagfactory:run, dagfactory:key).",
+        dict,
+        additionalProperties={"type": "string"},
+        examples=[{"team": "data-eng"}],
+    )
     address: str | None = doc(
         "Scheduler address for the 'existing' backend.",
         None,
         examples=["tcp://10.0.0.5:8786"],
+    )
+    listen: str = doc(
+        "Local backend: where the scheduler and workers listen. 'loopback' (127.0.0.1) keeps "
+        "the cluster to this host; an interface name (eth0) or an IP address of this host "
+        "lets the tasks of a run that land on other hosts (CeleryExecutor) reach it. Dask "
+        "has no authentication: listen only on a private network.",
+        "loopback",
+        minLength=1,
+        examples=["loopback", "eth0", "10.0.0.5"],
+    )
+    pool: str | None = doc(
+        "Airflow pool that caps how many clusters run at once across the deployment: "
+        "cluster_up and run take one slot of it, so a run waits (queued) for a free slot. "
+        "The pool must exist (airflow pools set dagfactory_clusters 4 'running clusters'): "
+        "Airflow never schedules a task of a pool that does not. Default: Airflow's "
+        "default_pool.",
+        None,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        examples=["dagfactory_clusters"],
     )
     idle_timeout: str = doc(
         "A cluster with no task to run for this long stops itself, so that even a lost "
@@ -220,6 +345,14 @@ class PipelineSpec:
         None,
         pattern=DURATION_PATTERN,
         examples=["2h"],
+    )
+    queue: str | None = doc(
+        "Celery queue of the tasks that drive the cluster (cluster_up and run), so that big "
+        "clusters are driven from big workers; bootstrap and teardown stay on the default "
+        "queue. Only for executors with queues (CeleryExecutor).",
+        None,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        examples=["big"],
     )
     params: dict[str, Any] = doc(
         "Keyword arguments of the entry point. They become Airflow DAG params (overridable at "

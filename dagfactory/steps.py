@@ -9,13 +9,14 @@ each step may run on another host.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any
 
 from dagfactory.backends import ClusterContext, ClusterHandle, get_backend
 from dagfactory.runner import check_entrypoint, run_entrypoint
 from dagfactory.spec import PipelineSpec
-from dagfactory.workspace import Credentials, Workspace, prepare, resolve_commit
+from dagfactory.workspace import Credentials, Workspace, checkout_dir, prepare, resolve_commit
 
 log = logging.getLogger(__name__)
 Output = Callable[[str], None]
@@ -70,6 +71,11 @@ def _workspace(
 
         return prepare_worktree(spec, output, pins=boot.get("pins") or {})
     # Cheap when bootstrap ran on this host; a full checkout when it ran on another one.
+    if not checkout_dir(boot["commit"]).is_dir():
+        output(
+            f"commit {boot['commit'][:12]} is not on this host ({socket.gethostname()}) yet: "
+            "bootstrapping here at the same commit"
+        )
     return prepare(spec, boot["commit"], credentials, output, pins=boot.get("pins") or {})
 
 
@@ -83,9 +89,14 @@ def cluster_up(
     """Start the run's cluster; returns its handle as JSON."""
     workspace = _workspace(spec, boot, credentials, output)
     context = ClusterContext(key, str(workspace.python), str(workspace.code_dir))
-    handle = get_backend(spec.cluster.backend).up(spec.cluster, context)
+    backend = get_backend(spec.cluster.backend)
+    handle = backend.up(spec.cluster, context)
     output(f"Dask scheduler at {handle.scheduler_address}")
-    if handle.dashboard_link:
+    describe = getattr(backend, "describe", None)
+    if describe:  # where the dashboard and the logs are, in the backend's words
+        for line in describe(handle):
+            output(line)
+    elif handle.dashboard_link:
         output(f"Dask dashboard: {handle.dashboard_link}")
     return handle.to_json()
 
@@ -106,7 +117,11 @@ def ensure_cluster(
     backend = get_backend(spec.cluster.backend)
     if handle is not None and backend.alive(ClusterHandle.from_json(handle)):
         return handle
-    lost = f" ({handle['scheduler_address']})" if handle else ""
+    lost = ""
+    if handle:
+        host = handle.get("details", {}).get("host")
+        where = f", started on {host}" if host and host != socket.gethostname() else ""
+        lost = f" ({handle['scheduler_address']}{where})"
     output(f"the cluster of this run{lost} does not answer; starting a new one under {key}")
     return cluster_up(spec, boot, key, credentials, output)
 
@@ -126,8 +141,16 @@ def run(
     output(f"calling {spec.entrypoint}(client, **{params!r}) at commit {boot['commit'][:12]}")
     # A third of the cluster's idle timeout: the entry point keeps its own cluster busy.
     keepalive = cluster.details.get("idle_timeout", 0) / 3
+    client_env = getattr(get_backend(cluster.backend), "client_env", None)
     return run_entrypoint(
-        workspace, spec.entrypoint, params, cluster.scheduler_address, output, key, keepalive
+        workspace,
+        spec.entrypoint,
+        params,
+        cluster.scheduler_address,
+        output,
+        key,
+        keepalive,
+        client_env(cluster) if client_env else None,
     )
 
 
@@ -136,4 +159,4 @@ def teardown(spec: PipelineSpec, key: str, *handles: dict[str, Any] | None) -> N
     backend = get_backend(spec.cluster.backend)
     known = [ClusterHandle.from_json(h) for h in handles if h]
     for handle in known or [ClusterHandle(spec.cluster.backend, key, "")]:
-        backend.down(handle)
+        backend.down(handle, spec.cluster)

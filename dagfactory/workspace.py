@@ -14,6 +14,7 @@ touches neither the network nor the installer.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -618,9 +619,14 @@ def _export(mirror: Path, commit: str, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def checkout_dir(commit: str) -> Path:
+    """Where this host keeps the tree of `commit` (the cache is per host, under DAGFACTORY_HOME)."""
+    return dagfactory_home() / "checkouts" / commit
+
+
 def checkout(spec: PipelineSpec, commit: str, credentials: Credentials | None = None) -> Path:
     """The repository's tree at `commit` (from the cache when it is there); returns its root."""
-    target = dagfactory_home() / "checkouts" / commit
+    target = checkout_dir(commit)
     if not target.is_dir():
         mirror = _fetch(_remote(spec, credentials), commit)
         _export(mirror, commit, target)
@@ -738,6 +744,29 @@ def virtualenv(requirements: list[str], output: Callable[[str], None] = log.info
             _run([python, "-m", "compileall", "-q", str(venv)], "compiling bytecode", output)
         (venv / _COMPLETE).write_text("\n".join(requirements) + "\n")
     return venv
+
+
+def pipeline_packages(venv_dir: Path) -> list[str]:
+    """The pipeline's own requirements as its virtualenv has them, `name==version` (lines that
+    name no project, such as URLs, as written): what a cluster built from a stock Dask image
+    must install to run the pipeline's tasks with the client's versions."""
+    lines = (venv_dir / _COMPLETE).read_text().splitlines()
+    base = {_requirement_name(line) for line in (*BASE_REQUIREMENTS, "dask")}
+    named = {line: _requirement_name(line) for line in lines if line.strip()}
+    wanted = sorted({name for name in named.values() if name and name not in base})
+    probe = (
+        "import importlib.metadata as m, json, sys; "
+        "print(json.dumps({n: m.version(n) for n in sys.argv[1:]}))"
+    )
+    found = subprocess.run(
+        [str(venv_dir / "bin" / "python"), "-c", probe, *wanted],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    versions = json.loads(found.stdout)
+    unnamed = [line for line, name in named.items() if not name]
+    return [*(f"{name}=={versions[name]}" for name in wanted), *unnamed]
 
 
 def prepare(

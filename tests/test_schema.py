@@ -75,7 +75,7 @@ def test_every_property_has_markdown_help_with_its_examples():
 
 
 def test_the_editor_knows_the_builtin_backends_and_validation_accepts_installed_ones():
-    good = {"source": {"git": "x"}, "entrypoint": "a.b:c", "cluster": {"backend": "fargate"}}
+    good = {"source": {"git": "x"}, "entrypoint": "a.b:c", "cluster": {"backend": "k8s"}}
     backend = editor_schema()["$defs"]["cluster"]["properties"]["backend"]
     assert backend["enum"] == list(BUILTIN)
     assert "entry point" in backend["description"]

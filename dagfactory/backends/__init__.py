@@ -11,6 +11,7 @@ class implementing `ClusterBackend`.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from dataclasses import asdict, dataclass, field
 from functools import cache
@@ -22,10 +23,13 @@ from urllib.parse import urlsplit
 from dagfactory.errors import ClusterError
 from dagfactory.spec import ClusterSpec
 
+log = logging.getLogger(__name__)
+
 ENTRY_POINT_GROUP = "dagfactory.backends"
 BUILTIN = {
     "local": "dagfactory.backends.local:LocalBackend",
     "existing": "dagfactory.backends.existing:ExistingBackend",
+    "fargate": "dagfactory.backends.fargate:FargateBackend",
 }
 
 
@@ -66,34 +70,52 @@ class ClusterBackend(Protocol):
     def alive(self, handle: ClusterHandle) -> bool:
         """Whether the cluster the handle names still answers (cheap: a retry asks it first)."""
 
-    def down(self, handle: ClusterHandle) -> None:
-        """Stop everything the handle names. Idempotent."""
+    def down(self, handle: ClusterHandle, spec: ClusterSpec | None = None) -> None:
+        """Stop everything the handle names, or everything of `handle.key` when the handle
+        names nothing else (a teardown that only knows the run key; `spec` then says where to
+        look). Idempotent."""
 
 
-def shut_down_scheduler(address: str, timeout: float = 3.0) -> bool:
+def shut_down_scheduler(
+    address: str, scheduler_id: str = "", timeout: float = 3.0, connection_args: Any = None
+) -> bool:
     """Ask a Dask scheduler to close, with its workers and nannies: Dask's own protocol, which
     works from any host that reaches the address. False when it could not be asked (gone
-    already, unreachable); never raises, because teardown must go on to its fallbacks.
+    already, unreachable, or another scheduler answers there); never raises, because teardown
+    must go on to its fallbacks.
+
+    `scheduler_id` guards against stopping someone else's cluster: a loopback address means
+    another scheduler on another host, and a port can be reused once its scheduler is gone.
 
     A raw message, not a Client: a client whose `distributed` differs from the cluster's
     would print Dask's version table, and connecting one costs a second.
     """
     import asyncio
 
-    async def terminate() -> None:
+    async def terminate() -> bool:
         from distributed.comm import connect
 
-        comm = await connect(address, timeout=timeout)
+        comm = await connect(address, timeout=timeout, **(connection_args or {}))
         try:
+            if scheduler_id:
+                await comm.write({"op": "identity", "reply": True})
+                identity = await comm.read()
+                if not isinstance(identity, dict) or identity.get("id") != scheduler_id:
+                    log.warning(
+                        "another Dask scheduler answers at %s (not %s): left alone",
+                        address,
+                        scheduler_id,
+                    )
+                    return False
             await comm.write({"op": "terminate", "reply": False})
+            return True
         finally:
             await comm.close()
 
     try:
-        asyncio.run(asyncio.wait_for(terminate(), timeout))
+        return asyncio.run(asyncio.wait_for(terminate(), timeout))
     except Exception:
         return False
-    return True
 
 
 def scheduler_answers(address: str, timeout: float = 5.0) -> bool:

@@ -172,5 +172,5 @@ class ExistingBackend:
     def alive(self, handle: ClusterHandle) -> bool:
         return scheduler_answers(handle.scheduler_address)
 
-    def down(self, handle: ClusterHandle) -> None:
+    def down(self, handle: ClusterHandle, spec: ClusterSpec | None = None) -> None:
         return None

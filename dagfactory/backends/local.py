@@ -99,12 +99,12 @@ def _stop(key: str) -> int:
     return len(procs)
 
 
-def _recorded_address(key: str) -> str:
-    """The scheduler address a cluster of this host recorded at start ('' if none)."""
+def _recorded(key: str) -> dict:
+    """The handle a cluster of this host recorded at start ({} if none)."""
     try:
-        return json.loads((cluster_dir(key) / "handle.json").read_text())["scheduler_address"]
-    except (OSError, ValueError, KeyError):
-        return ""
+        return json.loads((cluster_dir(key) / "handle.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 class _PortTaken(Exception):
@@ -118,10 +118,43 @@ def _log_tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def _free_port() -> int:
+def _free_port(host: str) -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def listen_address(listen: str) -> str:
+    """The IPv4 address `cluster.listen` names on this host: loopback, an interface's, or one
+    given as an address or host name (which must be this host's: the scheduler binds to it)."""
+    if listen == "loopback":
+        return "127.0.0.1"
+    interfaces = psutil.net_if_addrs()
+    if listen in interfaces:
+        for addr in interfaces[listen]:
+            if addr.family == socket.AF_INET:
+                return addr.address
+        raise ClusterError(f"cluster.listen: interface {listen!r} has no IPv4 address")
+    try:
+        address = socket.gethostbyname(listen)
+    except OSError:
+        address = ""
+    mine = {a.address for addrs in interfaces.values() for a in addrs if a.family == socket.AF_INET}
+    if address not in mine:
+        raise ClusterError(
+            f"cluster.listen: {listen!r} is no interface or address of this host "
+            f"({socket.gethostname()}); interfaces: {', '.join(sorted(interfaces))}"
+        )
+    return address
+
+
+def _identity(dashboard: str) -> dict:
+    """The scheduler's identity, from its dashboard (`/json/identity.json`); {} if none."""
+    try:
+        with urllib.request.urlopen(f"{dashboard}/json/identity.json", timeout=5) as response:
+            return json.load(response)
+    except (OSError, ValueError):
+        return {}
 
 
 class LocalBackend:
@@ -146,9 +179,11 @@ class LocalBackend:
         # Ports are chosen here rather than by the scheduler so that the workers know the
         # address at once and start in parallel with the scheduler: each side spends about a
         # second importing Dask, and they would otherwise do it one after the other.
-        address = f"tcp://127.0.0.1:{_free_port()}"
-        dashboard = _free_port()
-        env[HEALTH_VARIABLE] = f"http://127.0.0.1:{dashboard}/health"
+        host = listen_address(spec.listen)
+        address = f"tcp://{host}:{_free_port(host)}"
+        dashboard_port = _free_port(host)
+        dashboard = f"http://{host}:{dashboard_port}"
+        env[HEALTH_VARIABLE] = f"{dashboard}/health"
         # The nanny starts worker processes by forking a server that imported Dask once, not
         # by spawning interpreters that each import it again (measured: 2 workers up in about
         # 0.7x the time, 4 workers in 0.6x, on 2 cores). Forkserver, unlike fork, never forks
@@ -158,13 +193,13 @@ class LocalBackend:
         commands = {
             "scheduler": [
                 context.python, "-m", "distributed.cli.dask_scheduler",
-                "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
-                "--dashboard-address", f"127.0.0.1:{dashboard}",
+                "--host", host, "--port", address.rsplit(":", 1)[1],
+                "--dashboard-address", f"{host}:{dashboard_port}",
                 "--idle-timeout", f"{idle}s",
             ],
             "workers": [
                 context.python, "-m", "distributed.cli.dask_worker", address,
-                "--host", "127.0.0.1",
+                "--host", host,
                 "--nworkers", str(spec.workers),
                 "--nthreads", str(spec.cpu),
                 "--memory-limit", str(parse_size(spec.memory)),
@@ -187,7 +222,8 @@ class LocalBackend:
                         env=env,
                         start_new_session=True,
                     )
-            self._wait(spec, state, procs, f"http://127.0.0.1:{dashboard}/json/counts.json")
+            self._wait(spec, state, procs, f"{dashboard}/json/counts.json")
+            scheduler_id = _identity(dashboard).get("id", "")
         except BaseException:
             self.down(ClusterHandle("local", context.key, ""))
             raise
@@ -195,9 +231,10 @@ class LocalBackend:
             backend="local",
             key=context.key,
             scheduler_address=address,
-            dashboard_link=f"http://127.0.0.1:{dashboard}/status",
+            dashboard_link=f"{dashboard}/status",
             details={
                 "host": socket.gethostname(),
+                "scheduler_id": scheduler_id,
                 "pids": [p.pid for p in procs.values()],
                 "state_dir": str(state),
                 "idle_timeout": idle,
@@ -236,23 +273,41 @@ class LocalBackend:
         )
 
     def alive(self, handle: ClusterHandle) -> bool:
-        """The scheduler answers on its dashboard and has at least one worker."""
+        """The scheduler answers on its dashboard, is the one the handle names (a loopback
+        address reaches another host's scheduler from here), and has a worker."""
         if not handle.dashboard_link:
             return False
-        counts = handle.dashboard_link.rsplit("/", 1)[0] + "/json/counts.json"
+        dashboard = handle.dashboard_link.rsplit("/", 1)[0]
+        expected = handle.details.get("scheduler_id")
+        if expected and _identity(dashboard).get("id") != expected:
+            return False
         try:
-            with urllib.request.urlopen(counts, timeout=5) as response:
+            with urllib.request.urlopen(f"{dashboard}/json/counts.json", timeout=5) as response:
                 return json.load(response)["workers"] > 0
         except (OSError, ValueError, KeyError):
             return False
 
-    def down(self, handle: ClusterHandle) -> None:
-        """Dask's shutdown first (it reaches the cluster from any host), then every process of
-        the key on this host (the fallback: a hung scheduler, orphans, the entry point)."""
-        address = handle.scheduler_address or _recorded_address(handle.key)
-        if address and shut_down_scheduler(address):
+    def down(self, handle: ClusterHandle, spec: ClusterSpec | None = None) -> None:
+        """Dask's shutdown first (it reaches the cluster from any host that reaches its
+        address), then every process of the key on this host (the fallback: a hung scheduler,
+        orphans, the entry point)."""
+        recorded = _recorded(handle.key)
+        address = handle.scheduler_address or recorded.get("scheduler_address", "")
+        details = handle.details or recorded.get("details", {})
+        asked = bool(address) and shut_down_scheduler(address, details.get("scheduler_id", ""))
+        if asked:
             log.info("asked the Dask scheduler at %s to shut down", address)
         stopped = _stop(handle.key)
         if stopped:
             log.info("stopped %d process(es) of cluster %s", stopped, handle.key)
+        elif address and not asked and details.get("host") not in (None, socket.gethostname()):
+            log.warning(
+                "the cluster at %s (started on %s) cannot be reached from %s: it stops itself "
+                "after its idle timeout (%ss). Set cluster.listen to an address the other "
+                "hosts reach, so that any host can stop it.",
+                address,
+                details.get("host"),
+                socket.gethostname(),
+                details.get("idle_timeout", "?"),
+            )
         shutil.rmtree(cluster_dir(handle.key), ignore_errors=True)
