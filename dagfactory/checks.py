@@ -78,7 +78,7 @@ def _check_backend_fields(cluster: dict[str, Any]) -> Iterator[Finding]:
     """A setting of another backend is a mistake worth a word: it would silently do nothing."""
     backend = cluster.get("backend", "local")
     if not isinstance(backend, str) or backend not in BACKEND_FIELDS:
-        return  # a third-party backend (or no backend at all: the schema says so): its settings are its own business
+        return  # a third-party backend: its settings are its own business
     for owner, names in BACKEND_FIELDS.items():
         if owner == backend:
             continue

@@ -750,7 +750,10 @@ def pipeline_packages(venv_dir: Path) -> list[str]:
     """The pipeline's own requirements as its virtualenv has them, `name==version` (lines that
     name no project, such as URLs, as written): what a cluster built from a stock Dask image
     must install to run the pipeline's tasks with the client's versions."""
-    lines = (venv_dir / _COMPLETE).read_text().splitlines()
+    try:
+        lines = (venv_dir / _COMPLETE).read_text().splitlines()
+    except FileNotFoundError:  # not a virtualenv of ours: nothing of a pipeline's in it
+        return []
     base = {_requirement_name(line) for line in (*BASE_REQUIREMENTS, "dask")}
     named = {line: _requirement_name(line) for line in lines if line.strip()}
     wanted = sorted({name for name in named.values() if name and name not in base})

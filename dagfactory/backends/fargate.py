@@ -141,7 +141,9 @@ def _session(region: str | None, aws_conn_id: str | None) -> tuple[Any, Any]:
     """A boto3 session and a function giving a service's endpoint URL override (or None)."""
     import boto3
 
-    if aws_conn_id:
+    # Only inside Airflow (its task SDK is loaded): `dagfactory run` must not import Airflow,
+    # which would read or write an airflow.cfg on the user's machine.
+    if aws_conn_id and "airflow.sdk" in sys.modules:
         try:
             from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
         except ImportError:
@@ -186,11 +188,11 @@ class FargateBackend:
         where = {"region": aws.region, "ecs_cluster": spec.ecs_cluster, "run_id": rid}
         # An earlier attempt of this same run (a retry replacing a lost cluster) may have left
         # tasks or a half-made group: start from nothing.
-        self._remove(aws, ClusterHandle("fargate", context.key, "", where), quiet=True)
+        self._remove(aws, ClusterHandle("fargate", context.key, "", details=where), quiet=True)
         try:
             return self._start(aws, spec, context, image, where)
         except BaseException:
-            self._remove(aws, ClusterHandle("fargate", context.key, "", where))
+            self._remove(aws, ClusterHandle("fargate", context.key, "", details=where))
             raise
 
     def _start(
@@ -361,7 +363,7 @@ class FargateBackend:
         aws = Aws(details.get("region") or (spec.region if spec else None), details["aws_conn_id"])
         details.setdefault("region", aws.region)
         details["run_id"] = run_id(handle.key)
-        self._remove(aws, ClusterHandle("fargate", handle.key, "", details))
+        self._remove(aws, ClusterHandle("fargate", handle.key, "", details=details))
 
     def _remove(self, aws: Aws, handle: ClusterHandle, quiet: bool = False) -> None:
         details = handle.details
@@ -372,6 +374,9 @@ class FargateBackend:
         except Exception as exc:
             if _error_code(exc) != "ClusterNotFoundException":
                 raise
+        if tasks:  # twice is harmless, and the second time says it stopped nothing
+            live = _describe(aws, cluster, sorted(tasks))
+            tasks = {t["taskArn"] for t in live if t.get("desiredStatus") != "STOPPED"}
         stopped = []
         for task in sorted(tasks):
             try:

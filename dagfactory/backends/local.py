@@ -173,7 +173,9 @@ class LocalBackend:
     def _start(self, spec: ClusterSpec, context: ClusterContext) -> ClusterHandle:
         state = cluster_dir(context.key)
         state.mkdir(parents=True)
-        env = {**os.environ, KEY_VARIABLE: str(state), "PYTHONUNBUFFERED": "1"}
+        # SPT_NOENV: setproctitle, when a pipeline installs it, must not blank the environment
+        # that carries the marker.
+        env = {**os.environ, KEY_VARIABLE: str(state), "PYTHONUNBUFFERED": "1", "SPT_NOENV": "1"}
         if context.code_dir:
             env["PYTHONPATH"] = context.code_dir
         # Ports are chosen here rather than by the scheduler so that the workers know the
