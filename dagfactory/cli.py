@@ -1,4 +1,4 @@
-"""`dagfactory validate | schema | render | run | new | clusters | prune`.
+"""`dagfactory validate | schema | render | run | new | clusters | teardown | prune`.
 
 `run` goes through the same steps as the Airflow tasks (`steps.py`), so a pipeline that runs on a
 laptop runs the same way in Airflow.
@@ -246,7 +246,19 @@ def cmd_new(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# --- clusters / prune ------------------------------------------------------------------------
+# --- clusters / prune / teardown ------------------------------------------------------------
+
+
+def cmd_teardown(args: argparse.Namespace) -> int:
+    """Stop one run's cluster by its run id (or key), from any host: what the teardown task
+    does, for a run whose teardown never ran (a SIGKILLed `dagfactory run`, a lost host)."""
+    from dagfactory import steps
+
+    spec = _load_one(args.file)
+    key = args.key or steps.run_key(spec.dag_id, args.run_id)
+    steps.teardown(spec, key)
+    print(f"cluster {key} ({spec.cluster.backend}) stopped")
+    return EXIT_OK
 
 
 def cmd_clusters(args: argparse.Namespace) -> int:
@@ -337,6 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop-all", action="store_true", help="stop every cluster listed")
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=cmd_clusters)
+    p = sub.add_parser("teardown", help="stop one run's cluster by its run id, from anywhere")
+    p.add_argument("file", help="the pipeline file")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run-id", help="the Airflow run id (or dagfactory run's cli_... id)")
+    which.add_argument("--key", help="the run key, as the run's log shows it")
+    p.set_defaults(func=cmd_teardown)
     p = sub.add_parser("prune", help="remove cached checkouts, virtualenvs, git mirrors unused")
     p.add_argument(
         "--days", type=float, default=30, help="not used for this many days (default 30)"

@@ -171,7 +171,7 @@ def run_pipeline(spec: PipelineSpec, overrides: list[str], worktree: bool = Fals
     term = Terminal()
     params = parse_overrides(spec, overrides)
     run_id = f"cli_{datetime.now(UTC):%Y%m%dT%H%M%S}_{os.getpid()}"
-    key = f"{spec.dag_id}__{run_id}"
+    key = steps.run_key(spec.dag_id, run_id)
     params = render(params, spec.dag_id, run_id)
     credentials = credentials_from_env(spec.source.connection)
     started = time.monotonic()
@@ -186,7 +186,7 @@ def run_pipeline(spec: PipelineSpec, overrides: list[str], worktree: bool = Fals
         with stop_signals_raise():
             step("bootstrap")
             boot = _bootstrap(spec, credentials, term, worktree)
-            step("cluster_up")
+            step(f"cluster_up (run key {key})")
             handles.append(steps.cluster_up(spec, boot, key, credentials, term.err))
             result = _run_with_retries(spec, boot, key, params, credentials, handles, term, step)
     except (Exception, Interrupted, KeyboardInterrupt) as exc:

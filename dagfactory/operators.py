@@ -8,7 +8,6 @@ Values between tasks travel as XComArgs in template fields, which Airflow resolv
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 from airflow.sdk import BaseOperator, BaseOperatorLink
@@ -21,8 +20,9 @@ log = logging.getLogger(__name__)
 
 def run_key(context: Any) -> str:
     """Unique per DAG run; names the run's cluster so any later task can find it."""
-    raw = f"{context['dag'].dag_id}__{context['run_id']}"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", raw)
+    from dagfactory.steps import run_key
+
+    return run_key(context["dag"].dag_id, context["run_id"])
 
 
 def _with_run_dates(context: Any) -> Any:

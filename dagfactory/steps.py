@@ -9,6 +9,7 @@ each step may run on another host.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,12 @@ from dagfactory.workspace import Credentials, Workspace, checkout_dir, prepare, 
 
 log = logging.getLogger(__name__)
 Output = Callable[[str], None]
+
+
+def run_key(dag_id: str, run_id: str) -> str:
+    """The key of one run of a pipeline: it names the run's cluster and everything the cluster's
+    backend makes, so that any later task, or an operator with `dagfactory teardown`, finds it."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{dag_id}__{run_id}")
 
 
 def bootstrap(
