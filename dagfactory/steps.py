@@ -148,7 +148,10 @@ def run(
     output(f"calling {spec.entrypoint}(client, **{params!r}) at commit {boot['commit'][:12]}")
     # A third of the cluster's idle timeout: the entry point keeps its own cluster busy.
     keepalive = cluster.details.get("idle_timeout", 0) / 3
-    client_env = getattr(get_backend(cluster.backend), "client_env", None)
+    backend = get_backend(cluster.backend)
+    for line in getattr(backend, "describe", lambda handle: [])(cluster):
+        output(line)  # the dashboard and the cluster's logs, in the run task's log too
+    client_env = getattr(backend, "client_env", None)
     return run_entrypoint(
         workspace,
         spec.entrypoint,

@@ -328,3 +328,20 @@ def test_validate_knows_fargate_sizes_and_backend_settings(tmp_path):
     assert "with 4 vCPUs choose 8GiB to 30GiB in steps of 1GiB" in out.stdout
     assert "Fargate has no task with 3 vCPUs; choose one of 1, 2, 4, 8 or 16" in out.stdout
     assert "'listen' applies to the 'local' backend only" in out.stdout
+
+
+def test_the_documented_iam_policy_allows_every_call_the_backend_makes():
+    """deploy/aws/iam-policy.json is what the README tells users to attach: a call added to the
+    backend without its permission would fail only on a real account."""
+    source = (ROOT / "dagfactory" / "backends" / "fargate.py").read_text()
+    calls = set(re.findall(r"aws\.(ecs|ec2|logs|sts)\.([a-z_]+)\(", source))
+    calls |= {("ecs", name) for name in re.findall(r'get_paginator\("([a-z_]+)"\)', source)}
+    calls.discard(("ecs", "get_paginator"))
+    needed = {f"{svc}:{''.join(w.title() for w in name.split('_'))}" for svc, name in calls}
+    # Tags given at creation need the tagging permission of the service too.
+    needed |= {"ecs:TagResource", "ec2:CreateTags", "logs:TagResource", "iam:PassRole"}
+    policy = json.loads((ROOT / "deploy" / "aws" / "iam-policy.json").read_text())
+    allowed = {action for s in policy["Statement"] for action in s["Action"]}
+    assert len(calls) >= 15
+    assert needed <= allowed, sorted(needed - allowed)
+    assert allowed <= needed, sorted(allowed - needed)  # and nothing it does not need
