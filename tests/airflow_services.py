@@ -62,12 +62,13 @@ class AirflowServices:
     pipelines: Path
     env: dict[str, str]
     port: int
+    host: str = "127.0.0.1"
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     _token: str = ""
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def db(self) -> Path:
@@ -265,31 +266,42 @@ def _uuid(value: Any) -> Any:
 
 @contextlib.contextmanager
 def airflow_services(
-    home: Path, pipelines: Path, extra_env: dict[str, str] | None = None
+    home: Path,
+    pipelines: Path,
+    extra_env: dict[str, str] | None = None,
+    *,
+    host: str = "127.0.0.1",
+    database: str | None = None,
 ) -> Iterator[AirflowServices]:
-    """Start the three services on the pipelines folder; stop every one of them on exit."""
+    """Start the three services on the pipelines folder; stop every one of them on exit.
+
+    host: the address the api-server listens on, which task processes call back on (the
+    execution API): a bridge's address when workers run on other hosts (tests/topology.py).
+    database: the SQLAlchemy URL of an empty metadata DB to migrate (Postgres), instead of a
+    copy of the session's SQLite DB; `task_instance_ids` reads only the SQLite one.
+    """
     home.mkdir(parents=True)
     port = free_port()
     db = home / "airflow.db"
     env = {
         **os.environ,
         "AIRFLOW_HOME": str(home),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{db}",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database or f"sqlite:///{db}",
         "DAGFACTORY_PIPELINES_DIR": str(pipelines),
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
         "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__HOST": host,
         "AIRFLOW__API_AUTH__JWT_SECRET": os.urandom(16).hex(),
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{host}:{port}/execution/",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
         "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
         **(extra_env or {}),
     }
     airflow = [sys.executable, "-m", "airflow"]
-    if _TEMPLATE.is_file():
+    if _TEMPLATE.is_file() and database is None:
         with (
             contextlib.closing(sqlite3.connect(_TEMPLATE)) as src,
             contextlib.closing(sqlite3.connect(db)) as dst,
@@ -297,7 +309,7 @@ def airflow_services(
             src.backup(dst)
     else:
         subprocess.run([*airflow, "db", "migrate"], env=env, check=True, capture_output=True)
-    services = AirflowServices(home, pipelines, env, port)
+    services = AirflowServices(home, pipelines, env, port, host)
     services.logs.mkdir()
     try:
         for name in SERVICES:
