@@ -239,6 +239,10 @@ def test_cluster_on_one_host_is_torn_down_from_the_other(topology):
         "teardown": (b.name, "default"),
     }, where
     assert services.xcom(dag_id, run_id, "cluster_up")["scheduler_address"] == note["scheduler"]
+    # The code moved with the run: dfx-a prepared the commit dfx-b's bootstrap pinned, and said so.
+    commit = services.xcom(dag_id, run_id, "bootstrap")["commit"]
+    said = f"commit {commit[:12]} is not on this host ({a.name}) yet: bootstrapping here"
+    assert said in services.task_log(dag_id, run_id, "cluster_up", chars=10**6)
     result = services.xcom(dag_id, run_id, "run")
     assert result["chunks"] == 8 and result["top"] == [["the", 3368], ["of", 3218]]
 
