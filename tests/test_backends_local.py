@@ -138,3 +138,37 @@ def test_down_stops_a_cluster_it_cannot_see_through_dasks_protocol(python, tmp_p
     assert cluster_processes("t_remote") == []
     backend.down(handle)  # twice, harmlessly; also removes the state folder here
     assert not cluster_dir("t_remote").exists()
+
+
+def test_listen_names_loopback_an_interface_or_an_address_of_this_host():
+    from dagfactory.backends.local import listen_address
+
+    assert listen_address("loopback") == "127.0.0.1"
+    assert listen_address("lo") == "127.0.0.1"
+    assert listen_address("127.0.0.1") == "127.0.0.1"
+    with pytest.raises(ClusterError, match="'nosuch0' is no interface or address of this host"):
+        listen_address("nosuch0")
+
+
+def test_teardown_never_stops_another_scheduler_that_answers_at_the_handles_address(
+    python, tmp_path
+):
+    """A loopback address in a handle from another host, or a port reused after its scheduler
+    left, reaches someone else's scheduler: the scheduler id in the handle must match."""
+    backend = get_backend("local")
+    handle = backend.up(ClusterSpec(workers=1), ClusterContext("t_owner", python, str(tmp_path)))
+    try:
+        assert handle.details["scheduler_id"].startswith("Scheduler-")
+        stranger = ClusterHandle(
+            "local",
+            "t_stranger",
+            handle.scheduler_address,
+            handle.dashboard_link,
+            {**handle.details, "scheduler_id": "Scheduler-of-another-run", "host": "elsewhere"},
+        )
+        assert not backend.alive(stranger)
+        backend.down(stranger)
+        assert backend.alive(handle) and _workers(handle) == 1
+    finally:
+        backend.down(handle)
+    assert cluster_processes("t_owner") == []

@@ -235,3 +235,21 @@ def test_a_spec_that_fails_to_build_does_not_take_the_others_down(tmp_path, monk
     dags = build.build_dags(tmp_path)
     assert INVALID_TAG not in dags["fine"].tags
     assert "RuntimeError: simulated bug" in dags["boom"].doc_md
+
+
+def test_queue_and_pool_go_on_the_tasks_that_drive_a_cluster(tmp_path):
+    text = SPEC.format(n=1) + "    queue: big\n    cluster: {pool: dagfactory_clusters}\n"
+    dag = build_dag(load_file(write_pipeline(tmp_path, "queued", text)))
+    tasks = {t.task_id.split(".")[-1]: t for t in dag.tasks}
+    default_queue = tasks["bootstrap"].queue
+    assert default_queue != "big"
+    assert {n: t.queue for n, t in tasks.items()} == {
+        "bootstrap": default_queue, "cluster_up": "big", "run": "big", "teardown": default_queue,
+    }  # fmt: skip
+    # Teardown never waits for a slot; a run holding a cluster goes before a new cluster_up.
+    assert {n: t.pool for n, t in tasks.items()} == {
+        "bootstrap": "default_pool", "cluster_up": "dagfactory_clusters",
+        "run": "dagfactory_clusters", "teardown": "default_pool",
+    }  # fmt: skip
+    assert tasks["run"].priority_weight > tasks["cluster_up"].priority_weight
+    assert tasks["run"].weight_rule == tasks["cluster_up"].weight_rule == "absolute"
