@@ -88,6 +88,19 @@ def _tail(path: Path, chars: int = 3000) -> str:
         return ""
 
 
+def _spawn(command: list[str], log: Path, **options) -> subprocess.Popen:
+    """A service in its own session (so that `_stop_group` reaches all of it), output to `log`."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **options,
+        )
+
+
 def _stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     """Signal the process group `proc` leads, SIGKILL it after a grace, and reap `proc`."""
     with contextlib.suppress(ProcessLookupError):
@@ -256,15 +269,7 @@ def postgres(
             "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
             "-c", "max_connections=200",
         ]  # fmt: skip
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                command,
-                cwd=base,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        proc = _spawn(command, log, cwd=base)
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if proc.poll() is not None:
@@ -316,14 +321,7 @@ def redis(tmp: Path, bind: Sequence[str] = ("127.0.0.1",)) -> Iterator[Redis]:
         "--requirepass", server.password, "--save", "", "--appendonly", "no",
         "--dir", str(tmp), "--daemonize", "no",
     ]  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = _spawn(command, log)
     try:
         client = redis_client.Redis(host="127.0.0.1", port=server.port, password=server.password)
         deadline = time.monotonic() + START_TIMEOUT
@@ -394,15 +392,7 @@ def celery_worker(
         "--queues", ",".join(queues), "--concurrency", str(concurrency),
         "--celery-hostname", f"worker@{host.name}", "--skip-serve-logs",
     ]  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            command,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = _spawn(command, log, env=env)
     try:
         yield CeleryWorker(host, tuple(queues), proc, log)
     finally:
