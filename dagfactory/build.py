@@ -6,6 +6,7 @@ pipeline file, and again (for one DAG only) every time a task starts.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -14,10 +15,28 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
-from airflow.sdk import DAG, Param, TaskGroup, get_parsing_context
+from airflow.sdk import (
+    DAG,
+    Asset,
+    AssetAll,
+    AssetAny,
+    AssetOrTimeSchedule,
+    CronTriggerTimetable,
+    Param,
+    TaskGroup,
+    get_parsing_context,
+)
 
-from dagfactory.errors import SpecError, SpecProblem
-from dagfactory.load import SUFFIXES, load_files, load_folder, read_defaults
+from dagfactory.errors import SpecProblem
+from dagfactory.load import (
+    PIPELINES_DIR_VARIABLE,
+    Defaults,
+    Profile,
+    files_named,
+    load_files,
+    load_folder,
+    selected_profile,
+)
 from dagfactory.operators import (
     BootstrapOperator,
     ClusterUpOperator,
@@ -27,9 +46,8 @@ from dagfactory.operators import (
     release_cluster,
 )
 from dagfactory.params import json_schema
-from dagfactory.spec import PipelineSpec, parse_duration
+from dagfactory.spec import AssetCondition, PipelineSpec, ScheduleSpec, parse_duration
 
-PIPELINES_DIR_VARIABLE = "DAGFACTORY_PIPELINES_DIR"
 GROUP = "pipeline"
 INVALID_TAG = "dagfactory:invalid"
 
@@ -41,7 +59,7 @@ def build_dag(spec: PipelineSpec) -> DAG:
         DAG(
             dag_id=spec.dag_id,
             description=spec.description or None,
-            schedule=spec.schedule,
+            schedule=_schedule(spec),
             start_date=datetime(start.year, start.month, start.day, tzinfo=UTC) if start else None,
             catchup=spec.catchup,
             tags=sorted({"dagfactory", *spec.tags}),
@@ -75,6 +93,8 @@ def build_dag(spec: PipelineSpec) -> DAG:
             workspace=bootstrap.output,
             cluster=cluster_up.output,
             execution_timeout=parse_duration(spec.timeout) if spec.timeout else None,
+            # Emitted when the entry point succeeds; a step's outlets will go on its own task.
+            outlets=[asset(uri) for uri in spec.outlets],
             **_drives_cluster(spec, priority=2),
         )
         teardown = TeardownOperator(task_id="teardown", spec=spec, cluster=cluster_up.output)
@@ -82,6 +102,54 @@ def build_dag(spec: PipelineSpec) -> DAG:
         # and a failed entry point would leave the DAG run green.
         bootstrap >> cluster_up >> run >> teardown.as_teardown(setups=cluster_up)
     return dag
+
+
+def asset(uri: str) -> Asset:
+    """The Airflow asset of a URI, named by its normalized URI.
+
+    Airflow identifies an asset by name and URI, and `Asset(uri)` takes the name as written
+    while it normalizes the URI (lower-case scheme, no trailing '/', providers' rules). Naming
+    it by the normalized URI makes `s3://b/sales/` in one pipeline's outlets and `s3://b/sales`
+    in another's schedule the same asset, as they are the same URI.
+    """
+    try:
+        normalized = Asset(uri=uri).uri
+    except ValueError as exc:  # a provider's rules for its scheme, which validate cannot know
+        raise AssetUriError(f"asset {uri!r}: {exc}") from None
+    return Asset(name=normalized, uri=normalized)
+
+
+class AssetUriError(ValueError):
+    """An asset URI that Airflow (or a provider installed in it) refuses."""
+
+
+def _asset_condition(value: str | tuple | AssetCondition) -> Asset | AssetAll | AssetAny:
+    if isinstance(value, str):
+        return asset(value)
+    if isinstance(value, AssetCondition):
+        combine = AssetAny if value.kind == "any" else AssetAll
+        return combine(*(_asset_condition(item) for item in value.items))
+    return AssetAll(*(_asset_condition(item) for item in value))
+
+
+def _schedule(
+    spec: PipelineSpec,
+) -> str | Asset | AssetAll | AssetAny | AssetOrTimeSchedule | None:
+    """The DAG's schedule: a cron or preset string as written, or the assets (and a cron)."""
+    schedule = spec.schedule
+    if not isinstance(schedule, ScheduleSpec):
+        return schedule
+    assets = _asset_condition(schedule.asset_condition)
+    if schedule.cron is None:
+        return assets
+    # The timezone Airflow gives a cron written as a string (DAG._extract_tz): the start date's,
+    # which dagfactory writes in UTC, else the deployment's default_timezone.
+    from airflow import settings
+
+    timezone = "UTC" if spec.start_date else settings.TIMEZONE
+    return AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable(schedule.cron, timezone=timezone), assets=assets
+    )
 
 
 def _drives_cluster(spec: PipelineSpec, priority: int) -> dict[str, object]:
@@ -131,8 +199,35 @@ def _doc(spec: PipelineSpec) -> str:
         ("params", f"`{json.dumps(spec.param_defaults, sort_keys=True, default=str)}`"),
         ("file", f"`{Path(spec.origin).name}`"),
     ]  # fmt: skip
+    # Airflow's header shows a cron; an asset condition only as "Asset", so it gets words here.
+    if isinstance(spec.schedule, ScheduleSpec):
+        when = f"when {_condition_words(spec.schedule.asset_condition)} updated"
+        cron = spec.schedule.cron
+        rows.insert(1, ("schedule", f"on `{cron}`, and also {when}" if cron else when))
+    if spec.outlets:
+        updates = ", ".join(_code(uri) for uri in spec.outlets)
+        rows.insert(1, ("outlets", f"a successful run updates {updates}"))
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     return f"{spec.description}\n\n| | |\n|---|---|\n{table}\n".lstrip()
+
+
+def _condition_words(condition: AssetCondition, nested: bool = False) -> str:
+    """`a` and (`b` or `c`): the condition as a person reads it (top level ends in a verb)."""
+    words = [
+        _code(item) if isinstance(item, str) else _condition_words(item, nested=True)
+        for item in condition.items
+    ]
+    if len(words) == 1:
+        return words[0] + ("" if nested else " is")
+    text = f" {'or' if condition.kind == 'any' else 'and'} ".join(words)
+    if nested:
+        return f"({text})"
+    return text + (" is" if condition.kind == "any" else " are")
+
+
+def _code(text: str) -> str:
+    """Inline code in a markdown table cell (a '|' would end the cell)."""
+    return "`" + text.replace("|", "\\|") + "`"
 
 
 def pipelines_dir(default: str | Path) -> Path:
@@ -140,23 +235,27 @@ def pipelines_dir(default: str | Path) -> Path:
 
 
 def build_dags(default_dir: str | Path) -> dict[str, DAG]:
-    """Every DAG of the pipelines folder, keyed by DAG id, broken files included as such.
+    """Every DAG of the pipelines folder and its subfolders, keyed by DAG id, broken files
+    included as such, with the profile $DAGFACTORY_PROFILE names.
 
     When a task starts, Airflow tells us which DAG it needs (the parsing context); then only
-    that pipeline's file is read and built, if its name gives it away.
+    that pipeline's file and its defaults files are read and built, if its name gives it away.
     """
     folder = pipelines_dir(default_dir)
+    profile = selected_profile()
     wanted = get_parsing_context().dag_id
     if wanted:
-        dag = _build_one(folder, wanted)
+        dag = _build_one(folder, wanted, profile)
         if dag is not None:
             return {wanted: dag}
-    result = load_folder(folder)
+    result = load_folder(folder, profile=profile)
     dags: dict[str, DAG] = {}
     problems = list(result.problems)
     for spec in result.specs:
         try:
             dags[spec.dag_id] = build_dag(spec)
+        except AssetUriError as exc:  # the user's mistake, in the provider's words
+            problems.append(SpecProblem(spec.origin, str(exc), 1, 1))
         except Exception as exc:  # one spec must never take every other DAG down with it
             message = (
                 f"could not build the DAG ({type(exc).__name__}: {exc}); this is a bug in "
@@ -167,23 +266,27 @@ def build_dags(default_dir: str | Path) -> dict[str, DAG]:
     for problem in problems:
         by_file.setdefault(problem.file, []).append(problem)
     for file, problems in by_file.items():
-        dag_id = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(file).name.rsplit(".", 1)[0])
-        if dag_id in dags:  # e.g. the file repeats a DAG id that another file defines
-            dag_id = f"{dag_id}__invalid"
-        dags.setdefault(dag_id, build_invalid_dag(dag_id, problems))
+        # Named after the file; when that id is taken (the file repeats another file's DAG id,
+        # or a broken file of the same name sits in another subfolder), marked and numbered.
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(file).name.rsplit(".", 1)[0])
+        numbered = (f"{name}__invalid_{n}" for n in itertools.count(2))
+        dag_id = next(
+            c for c in itertools.chain([name, f"{name}__invalid"], numbered) if c not in dags
+        )
+        dags[dag_id] = build_invalid_dag(dag_id, problems)
     return dags
 
 
-def _build_one(folder: Path, dag_id: str) -> DAG | None:
-    """The DAG of the file named after dag_id, if that file alone gives it; else None."""
-    for suffix in SUFFIXES:
-        path = folder / f"{dag_id}{suffix}"
-        if path.is_file():
-            try:
-                defaults = read_defaults(folder)
-            except SpecError:
-                return None
-            result = load_files([(path, str(path))], defaults)
-            if [s.dag_id for s in result.specs] == [dag_id]:
-                return build_dag(result.specs[0])
-    return None
+def _build_one(folder: Path, dag_id: str, profile: Profile | None) -> DAG | None:
+    """The DAG of the one file named after dag_id, if that file alone gives it; else None.
+
+    Lists the tree's folders but reads only that file and the defaults files above it. Two
+    files of that name (in different subfolders) leave the choice to the full load.
+    """
+    paths = files_named(folder, dag_id)
+    if len(paths) != 1:
+        return None
+    result = load_files([(paths[0], str(paths[0]))], Defaults(profile, root=folder))
+    if result.problems or [s.dag_id for s in result.specs] != [dag_id]:
+        return None
+    return build_dag(result.specs[0])

@@ -14,7 +14,14 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
-from dagfactory.spec import PipelineSpec, parse_duration, parse_size
+from dagfactory.spec import (
+    ASSET_URI_MAX_LENGTH,
+    AssetCondition,
+    PipelineSpec,
+    ScheduleSpec,
+    parse_duration,
+    parse_size,
+)
 
 FieldPath = tuple[str | int, ...]
 Finding = tuple[FieldPath, str]
@@ -139,6 +146,7 @@ def check_spec(spec: PipelineSpec) -> Iterator[Finding]:
     """Every rule below, in the order a reader meets the fields."""
     yield from _check_source(spec)
     yield from _check_schedule(spec)
+    yield from _check_outlets(spec)
     yield from _check_durations(spec)
     yield from _check_params(spec)
     yield from _check_cluster(spec)
@@ -232,14 +240,27 @@ def _check_relative(path: FieldPath, value: str) -> Iterator[Finding]:
 
 def _check_schedule(spec: PipelineSpec) -> Iterator[Finding]:
     schedule = spec.schedule
-    if schedule is None:
-        return
+    if isinstance(schedule, ScheduleSpec):
+        if schedule.cron is not None:
+            yield from _check_cron(("schedule", "cron"), schedule.cron, with_assets=True)
+        yield from _check_assets(("schedule", "assets"), schedule.assets)
+    elif schedule is not None:
+        yield from _check_cron(("schedule",), schedule)
+
+
+def _check_cron(path: FieldPath, schedule: str, with_assets: bool = False) -> Iterator[Finding]:
     if schedule.strip().startswith("@"):
-        if schedule not in SCHEDULE_PRESETS:
+        if with_assets and schedule in ("@once", "@continuous"):
+            yield (
+                path,
+                f"{schedule!r} does not combine with assets; write a cron expression or a "
+                "preset such as @daily, or leave cron out to run on the assets alone",
+            )
+        elif schedule not in SCHEDULE_PRESETS:
             close = difflib.get_close_matches(schedule.strip().lower(), SCHEDULE_PRESETS, n=1)
             presets = ", ".join(SCHEDULE_PRESETS)
             hint = f"did you mean {close[0]!r}?" if close else f"use one of {presets}"
-            yield ("schedule",), f"unknown preset {schedule!r}; {hint}"
+            yield path, f"unknown preset {schedule!r}; {hint}"
         return
     from croniter import croniter
 
@@ -251,13 +272,102 @@ def _check_schedule(spec: PipelineSpec) -> Iterator[Finding]:
             else "it does not parse as cron"
         )
         yield (
-            ("schedule",),
+            path,
             (
                 f"{schedule!r} is not a cron expression: {why}; write five fields "
                 "'minute hour day-of-month month day-of-week', e.g. '0 6 * * 1-5', or a preset "
                 "such as @daily"
             ),
         )
+
+
+def _check_assets(path: FieldPath, assets: str | tuple | AssetCondition) -> Iterator[Finding]:
+    """Every URI of an asset condition, and conditions that could never start a run."""
+    if isinstance(assets, str):
+        if problem := asset_uri_problem(assets):
+            yield path, f"{assets!r} is not a valid asset URI: {problem}"
+        return
+    if isinstance(assets, AssetCondition):
+        if assets.any and assets.all:
+            yield (
+                (*path, "all"),
+                "a condition is either any or all, not both; to combine them, nest one in the "
+                "other, e.g. {all: [s3://a/x, {any: [s3://a/y, s3://a/z]}]}",
+            )
+        elif not assets.items:
+            yield (
+                path,
+                "this condition names no asset, so it would never start a run; write "
+                "{any: [URI, ...]} or {all: [URI, ...]} with at least one asset URI",
+            )
+        for kind in ("any", "all"):
+            for index, item in enumerate(getattr(assets, kind)):
+                yield from _check_assets((*path, kind, index), item)
+        return
+    if not assets:
+        yield (
+            path,
+            "an empty list of assets would never start a run; name at least one asset, "
+            "e.g. [s3://bucket/sales], or write schedule: null to run only when triggered",
+        )
+    for index, item in enumerate(assets):
+        yield from _check_assets((*path, index), item)
+
+
+def _check_outlets(spec: PipelineSpec) -> Iterator[Finding]:
+    for index, uri in enumerate(spec.outlets):
+        if problem := asset_uri_problem(uri):
+            yield ("outlets", index), f"{uri!r} is not a valid asset URI: {problem}"
+
+
+def asset_uri_problem(uri: str) -> str | None:
+    """Why `uri` cannot name an Airflow asset, in words; None when it can.
+
+    Pure, so that `dagfactory validate` needs no Airflow. It refuses what Airflow 3's
+    `Asset(uri=...)` refuses (its own rules and those of the providers' URI normalizers
+    dagfactory knows: s3, redshift), and, stricter, what Airflow would accept but quietly
+    change or mistake: whitespace (Airflow strips it from the URI and keeps it in the name),
+    credentials (dropped with a warning; they belong in a connection), and a scheme-less text
+    with '/' or ':' (most likely a URI whose scheme lost its '://'). tests/test_assets.py holds
+    this against Airflow's own `Asset` on a list of URIs.
+    """
+    if not uri.strip():
+        return "it is empty; write a URI such as s3://bucket/sales"
+    if len(uri) > ASSET_URI_MAX_LENGTH:
+        return f"it is {len(uri)} characters long, and Airflow allows {ASSET_URI_MAX_LENGTH}"
+    if re.search(r"[\s\x00-\x1f\x7f]", uri):
+        return "it contains a space or a control character; write a space in a path as %20"
+    try:
+        parts = urlsplit(uri)
+    except ValueError as exc:
+        return f"it does not parse as a URI ({exc})"
+    scheme = parts.scheme.lower()
+    if not scheme:
+        if "/" in uri or ":" in uri:
+            return (
+                "it has no scheme; write scheme://..., e.g. s3://bucket/sales, "
+                "file:///data/sales or x-warehouse://sales"
+            )
+        if uri in ("self", "context"):
+            return f"Airflow reserves the name {uri!r}; choose another"
+        return None
+    if scheme == "airflow":
+        return "Airflow reserves the airflow:// scheme; use another, e.g. x-airflow://"
+    if parts.password is not None:
+        return (
+            "it contains a password; remove it (an asset names data, it does not open it: "
+            "credentials belong in an Airflow connection)"
+        )
+    if scheme == "s3" and not parts.netloc:
+        return "an s3:// URI needs a bucket: s3://bucket/key"
+    if scheme == "redshift":
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a malformed host:port
+        except ValueError:
+            return "its port is not a number; write redshift://host:5439/database/schema/table"
+        if not parts.netloc or len(parts.path.rstrip("/").split("/")) != 4:
+            return "write a redshift:// URI as redshift://host:5439/database/schema/table"
+    return None
 
 
 def _check_durations(spec: PipelineSpec) -> Iterator[Finding]:

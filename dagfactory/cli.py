@@ -7,6 +7,7 @@ laptop runs the same way in Airflow.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -21,14 +22,18 @@ from dagfactory.errors import DagfactoryError, SpecError, SpecProblem
 from dagfactory.load import (
     DEFAULTS_FILE,
     SUFFIXES,
+    Defaults,
     LoadResult,
-    blocked_by_defaults,
     declared_dag_id,
-    load_file,
+    is_pipeline_name,
     load_files,
+    load_pipeline,
     pipeline_files,
-    read_defaults,
-    unique_dag_ids,
+    pipeline_folders,
+    pipeline_tree,
+    pipelines_root,
+    selected_profile,
+    shown_folder,
 )
 from dagfactory.spec import PipelineSpec
 
@@ -47,76 +52,74 @@ class UsageError(Exception):
 
 
 @dataclass
-class _Folder:
-    """The files to check in one folder, and the name its defaults file is shown by."""
+class _Selection:
+    """What validate checks, by real path, shown as given: pipeline files, and the folders
+    whose defaults file is checked even if no pipeline file named needs it."""
 
-    defaults_shown: str
     files: dict[Path, str] = field(default_factory=dict)
-    complete: bool = False
-    """Every pipeline file of the folder is in files (the folder itself was named)."""
+    defaults: dict[Path, str] = field(default_factory=dict)
+    unreadable: list[SpecProblem] = field(default_factory=list)
 
 
-def _collect(paths: list[str]) -> dict[Path, _Folder]:
-    """Every pipeline file named or in a folder named, grouped by folder, shown as given.
+def _collect(paths: list[str]) -> _Selection:
+    """Every pipeline file named or below a folder named, shown as given.
 
     A defaults file named on its own (as pre-commit does when only it changed) brings in every
-    pipeline of its folder: they are what a change to it can break.
+    pipeline below its folder: they are what a change to it can break.
     """
-    folders: dict[Path, _Folder] = {}
+    chosen = _Selection()
 
-    def folder_of(real: Path, shown_dir: str) -> _Folder:
-        return folders.setdefault(real, _Folder(os.path.join(shown_dir, DEFAULTS_FILE)))
+    def add_tree(folder: Path, shown_dir: str) -> int:
+        count = 0
+        for sub, names in pipeline_folders(folder, chosen.unreadable):
+            relative = sub.relative_to(folder)
+            shown_sub = os.path.join(shown_dir, relative) if relative.parts else shown_dir
+            if DEFAULTS_FILE in names:
+                chosen.defaults.setdefault(sub.resolve(), os.path.join(shown_sub, DEFAULTS_FILE))
+            for name in filter(is_pipeline_name, names):
+                chosen.files.setdefault((sub / name).resolve(), os.path.join(shown_sub, name))
+                count += 1
+        return count
 
     for given in paths:
         path = Path(given)
         try:
             if path.is_dir():
-                found = pipeline_files(path)
-                if not found:
+                if not add_tree(path, given):
                     raise UsageError(f"no pipeline files (*.yml, *.yaml) in {given}")
-                entry = folder_of(path.resolve(), given)
-                entry.complete = True
-                for p in found:
-                    entry.files.setdefault(p.resolve(), os.path.join(given, p.name))
             elif path.is_file() and path.name == DEFAULTS_FILE:
-                shown_dir = os.path.dirname(given)
-                entry = folder_of(path.parent.resolve(), shown_dir)
-                entry.defaults_shown = given
-                entry.complete = True
-                for p in pipeline_files(path.parent):
-                    entry.files.setdefault(p.resolve(), os.path.join(shown_dir, p.name))
+                chosen.defaults[path.parent.resolve()] = given
+                add_tree(path.parent, os.path.dirname(given))
             elif path.is_file():
-                entry = folder_of(path.parent.resolve(), os.path.dirname(given))
-                entry.files[path.resolve()] = given
+                chosen.files[path.resolve()] = given
             else:
                 raise UsageError(f"no such file or folder: {given}")
         except OSError as exc:
             raise UsageError(f"cannot read {given}: {exc.strerror}") from None
-    return folders
+    return chosen
 
 
-def _validate(folders: dict[Path, _Folder]) -> LoadResult:
-    """Load every collected file with its folder's defaults; DAG ids must be unique across all."""
-    loaded: list[tuple[PipelineSpec, str]] = []
-    problems: list[SpecProblem] = []
+def _validate(chosen: _Selection, defaults: Defaults) -> LoadResult:
+    """Load every chosen file with its defaults files; DAG ids must be unique across all of them
+    and the other files of their pipelines folders."""
+    for folder, shown in chosen.defaults.items():
+        with contextlib.suppress(SpecError):  # kept in defaults.problems
+            defaults.check(folder, shown)
+    # Files not named (pre-commit passes only changed ones) still claim their DAG ids.
     taken: dict[str, str] = {}
-    for real, folder in folders.items():
-        # Files not named (pre-commit passes only changed ones) still claim their DAG ids.
-        shown_dir = os.path.dirname(folder.defaults_shown)
-        for other in [] if folder.complete else pipeline_files(real):
-            if other.resolve() not in folder.files and (dag_id := declared_dag_id(other)):
-                taken.setdefault(dag_id, os.path.join(shown_dir, other.name))
-        files = list(folder.files.items())
-        try:
-            defaults = read_defaults(real, folder.defaults_shown)
-        except SpecError as exc:
-            problems += [*exc.problems, *blocked_by_defaults(files, exc.problems)]
+    tops: set[Path] = set()
+    for path, shown in chosen.files.items():
+        root = pipelines_root(path)
+        top = root or path.parent
+        if top in tops:
             continue
-        result = load_files(files, defaults)
-        problems += result.problems
-        loaded += [(spec, folder.files[Path(spec.origin)]) for spec in result.specs]
-    specs, duplicates = unique_dag_ids(loaded, taken)
-    return LoadResult(tuple(specs), tuple(problems + duplicates))
+        tops.add(top)
+        shown_top = shown_folder(shown, len(path.parent.relative_to(top).parts))
+        for other in pipeline_tree(top) if root else pipeline_files(top):
+            if other.resolve() not in chosen.files and (dag_id := declared_dag_id(other)):
+                taken.setdefault(dag_id, os.path.join(shown_top, other.relative_to(top)))
+    result = load_files(chosen.files.items(), defaults, taken)
+    return LoadResult(result.specs, (*chosen.unreadable, *result.problems))
 
 
 def _github_annotation(problem: SpecProblem) -> str:
@@ -137,18 +140,18 @@ def _github_annotation(problem: SpecProblem) -> str:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     try:
-        folders = _collect(args.paths or ["pipelines"])
+        chosen = _collect(args.paths or ["pipelines"])
     except UsageError as exc:
         _err(f"dagfactory validate: {exc}")
         return EXIT_USAGE
-    result = _validate(folders)
+    result = _validate(chosen, Defaults(selected_profile(args.profile)))
     problems = sorted(result.problems, key=lambda p: (p.file, p.line, p.column))
     if args.format == "json":
         print(json.dumps([dataclasses.asdict(p) for p in problems], indent=2))
     else:
         for p in problems:
             print(_github_annotation(p) if args.format == "github" else p)
-        checked = sum(len(f.files) for f in folders.values())
+        checked = len(chosen.files)
         bad = len({p.file for p in problems})
         summary = f"{len(problems)} error(s) in {bad} file(s); {checked} pipeline file(s) checked"
         _err(summary if problems else f"{checked} pipeline file(s) valid")
@@ -170,16 +173,26 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _load_one(path: str) -> Any:
+def _pipeline_file(path: str) -> Path:
     file = Path(path)
     if not file.is_file() or file.suffix not in SUFFIXES:
         raise FileNotFoundError(path)
-    return load_file(file, read_defaults(file.parent), shown_as=path)
+    return file
+
+
+def _load_one(path: str, profile: str | None = None) -> PipelineSpec:
+    """One pipeline file with its defaults files and profile, as Airflow builds it."""
+    return load_pipeline(_pipeline_file(path), path, Defaults(selected_profile(profile)))
 
 
 def cmd_render(args: argparse.Namespace) -> int:
     """Print the spec as the DAG will see it: defaults merged, every field filled in."""
-    spec = _load_one(args.file)
+    file = _pipeline_file(args.file)
+    defaults = Defaults(selected_profile(args.profile))
+    spec = load_pipeline(file, args.file, defaults)
+    applied = ", ".join(d.shown for d in defaults.chain(file, args.file)) or "none"
+    chosen = f"; profile: {defaults.profile.name}" if defaults.profile else ""
+    _err(f"defaults files: {applied}{chosen}")
     print(json.dumps(dataclasses.asdict(spec), indent=2, default=str))
     return EXIT_OK
 
@@ -190,7 +203,8 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from dagfactory.command_run import run_pipeline
 
-    return run_pipeline(_load_one(args.file), args.param or [], worktree=args.worktree)
+    spec = _load_one(args.file, args.profile)
+    return run_pipeline(spec, args.param or [], worktree=args.worktree)
 
 
 # --- new -------------------------------------------------------------------------------------
@@ -230,7 +244,7 @@ def cmd_new(args: argparse.Namespace) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     target.write_text(text)
     try:
-        load_file(target, read_defaults(folder), shown_as=str(target))
+        load_pipeline(target, str(target))
     except SpecError:
         target.unlink()
         raise
@@ -254,7 +268,7 @@ def cmd_teardown(args: argparse.Namespace) -> int:
     does, for a run whose teardown never ran (a SIGKILLed `dagfactory run`, a lost host)."""
     from dagfactory import steps
 
-    spec = _load_one(args.file)
+    spec = _load_one(args.file, args.profile)
     key = args.key or steps.run_key(spec.dag_id, args.run_id)
     steps.teardown(spec, key)
     print(f"cluster {key} ({spec.cluster.backend}) stopped")
@@ -308,6 +322,14 @@ def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _profile_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--profile",
+        metavar="NAME",
+        help="apply this profile of the defaults files (default: $DAGFACTORY_PROFILE)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dagfactory", description="Data pipelines from YAML on Airflow 3 and Dask."
@@ -316,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("validate", help="check pipeline files; exit 1 if any is invalid")
     p.add_argument("paths", nargs="*", help="files or folders (default: pipelines/)")
     p.add_argument("--format", choices=["text", "github", "json"], default="text")
+    _profile_option(p)
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("schema", help="print the JSON Schema of a pipeline file")
     what = p.add_mutually_exclusive_group()
@@ -324,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_schema)
     p = sub.add_parser("render", help="print a pipeline's spec with defaults filled in")
     p.add_argument("file")
+    _profile_option(p)
     p.set_defaults(func=cmd_render)
     p = sub.add_parser("run", help="run a pipeline end to end on this machine, no Airflow needed")
     p.add_argument("file")
@@ -336,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run a local repository's working tree as it is, uncommitted changes included",
     )
+    _profile_option(p)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("new", help="write a new pipeline file to start from")
     p.add_argument("name", help="the file name, and so the DAG id")
@@ -354,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run-id", help="the Airflow run id (or dagfactory run's cli_... id)")
     which.add_argument("--key", help="the run key, as the run's log shows it")
+    _profile_option(p)
     p.set_defaults(func=cmd_teardown)
     p = sub.add_parser("prune", help="remove cached checkouts, virtualenvs, git mirrors unused")
     p.add_argument(

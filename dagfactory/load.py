@@ -3,13 +3,18 @@
 One bad file never hides another: `load_folder` returns every valid spec *and* every problem,
 and no mistake in a file (nor a bug in a check) escapes as an exception, because in Airflow's
 DAG processor an exception would hide every pipeline of the folder at once.
+
+A pipelines folder is a tree: every `defaults.yml` from its top down to a pipeline file's folder
+applies to that file, outermost first, each followed by its profile if one is chosen.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
+import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -29,6 +34,11 @@ from dagfactory.yamlfile import YamlFile, read_yaml
 
 DEFAULTS_FILE = "defaults.yml"
 SUFFIXES = (".yml", ".yaml")
+PIPELINES_DIR_VARIABLE = "DAGFACTORY_PIPELINES_DIR"
+PROFILE_VARIABLE = "DAGFACTORY_PROFILE"
+# Outside $DAGFACTORY_PIPELINES_DIR, the nearest folder of this name is a file's pipelines folder.
+PIPELINES_FOLDER_NAME = "pipelines"
+PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 # What a pattern-checked field must look like, in words.
 _PATTERN_HINTS = {
@@ -75,6 +85,8 @@ _KNOWN_ALIASES = {
     "arguments": "params",
     "kwargs": "params",
     "args": "params",
+    "or": "any",
+    "and": "all",
 }
 _EXAMPLE_VALUES = {"source": "{git: https://github.com/acme/pipelines.git}"}
 _BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "y", "n"}
@@ -96,55 +108,340 @@ def _validator() -> jsonschema.protocols.Validator:
     return cls(schema, format_checker=cls.FORMAT_CHECKER)
 
 
+def is_pipeline_name(name: str) -> bool:
+    """A file of this name in a pipelines folder is a pipeline (not defaults, not hidden)."""
+    return name.endswith(SUFFIXES) and name != DEFAULTS_FILE and not name.startswith((".", "_"))
+
+
 def pipeline_files(folder: Path) -> list[Path]:
-    """The pipeline files of a folder, sorted, without the defaults file and hidden files."""
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.suffix in SUFFIXES
-        and p.name != DEFAULTS_FILE
-        and not p.name.startswith((".", "_"))
-        and p.is_file()
-    )
+    """The pipeline files of one folder (not its subfolders), sorted."""
+    return sorted(p for p in folder.iterdir() if is_pipeline_name(p.name) and p.is_file())
 
 
-def read_defaults(folder: Path, shown_as: str | None = None) -> dict[str, Any]:
-    """`defaults.yml` of a pipelines folder, merged under every spec in it (empty if absent).
+def pipeline_folders(
+    root: Path, unreadable: list[SpecProblem] | None = None
+) -> Iterator[tuple[Path, list[str]]]:
+    """Each folder of a pipelines tree with the sorted names of its files: the top first, then
+    each subfolder (in name order) with everything below it.
 
-    It is checked on its own (every key it sets must be valid; none is required), so that a
-    mistake in it is reported at its line in it, not in every pipeline file.
+    Folders starting with '.' or '_' are skipped, like such files (drafts, .git, __pycache__),
+    and so are symlinked folders (a link back up would never end). A subfolder that cannot be
+    listed becomes a problem in `unreadable` (if given) instead of an exception that would hide
+    the whole tree; the top folder itself must be readable.
+    """
+    with os.scandir(root) as listing:
+        entries = sorted(listing, key=lambda e: e.name)
+    yield root, [e.name for e in entries if e.is_file()]
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False) and not entry.name.startswith((".", "_")):
+            try:
+                yield from pipeline_folders(root / entry.name, unreadable)
+            except OSError as exc:
+                if unreadable is None:
+                    raise
+                problem = SpecProblem(str(root / entry.name), f"cannot list: {exc.strerror}")
+                unreadable.append(problem)
+
+
+def pipeline_tree(root: Path) -> list[Path]:
+    """Every pipeline file of a pipelines folder and its subfolders, in `pipeline_folders` order."""
+    return [
+        folder / name
+        for folder, names in pipeline_folders(root, [])
+        for name in names
+        if is_pipeline_name(name)
+    ]
+
+
+def files_named(root: Path, stem: str) -> list[Path]:
+    """The pipeline files of a tree (as `pipeline_tree` finds them) named stem.yml or stem.yaml.
+
+    No file is read and only the matches are sorted: this runs at every task start.
+    """
+    wanted = {stem + suffix for suffix in SUFFIXES if is_pipeline_name(stem + suffix)}
+    found: list[Path] = []
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        try:
+            with os.scandir(folder) as listing:
+                for entry in listing:
+                    if entry.name in wanted and entry.is_file():
+                        found.append(folder / entry.name)
+                    elif entry.name[0] not in "._" and entry.is_dir(follow_symlinks=False):
+                        folders.append(folder / entry.name)
+        except OSError:
+            if folder == root:
+                raise
+    return sorted(found)
+
+
+def pipelines_root(file: Path) -> Path | None:
+    """The pipelines folder a file belongs to, whose defaults files apply from the top down.
+
+    $DAGFACTORY_PIPELINES_DIR when it is set and holds the file (as in Airflow), else the
+    nearest folder named `pipelines` that holds it. None outside of both: the file then gets
+    only the defaults.yml next to it. Airflow's loader needs no rule: its folder is the top.
+    """
+    folder = file.resolve().parent
+    top = os.environ.get(PIPELINES_DIR_VARIABLE)
+    if top:
+        top_path = Path(top).resolve()
+        if top_path == folder or top_path in folder.parents:
+            return top_path
+    return next((f for f in (folder, *folder.parents) if f.name == PIPELINES_FOLDER_NAME), None)
+
+
+def shown_folder(shown_file: str, levels: int) -> str:
+    """How the folder `levels` above a file's own folder is shown, given how the file is shown."""
+    folder = os.path.dirname(shown_file)
+    return os.path.normpath(os.path.join(folder, *[".."] * levels)) if levels else folder
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The profile chosen for this process, and where the choice came from (for messages)."""
+
+    name: str
+    origin: str
+
+
+def selected_profile(given: str | None = None) -> Profile | None:
+    """`--profile NAME` if given, else $DAGFACTORY_PROFILE, else none (empty means none)."""
+    if given:
+        return Profile(given, "--profile")
+    name = os.environ.get(PROFILE_VARIABLE, "").strip()
+    return Profile(name, PROFILE_VARIABLE) if name else None
+
+
+@dataclass(frozen=True)
+class DefaultsFile:
+    """One checked defaults.yml: the keys it sets, and its profiles (name -> keys)."""
+
+    doc: YamlFile
+    data: dict[str, Any]
+    profiles: dict[str, dict[str, Any]]
+
+    @property
+    def shown(self) -> str:
+        return self.doc.path
+
+    def profile_line(self, name: str) -> int:
+        return self.doc.locate(("profiles", name), key=True)[0]
+
+
+def read_defaults_file(folder: Path, shown_as: str | None = None) -> DefaultsFile | None:
+    """A folder's `defaults.yml` (None if absent), checked on its own.
+
+    Every key it sets, in itself and in each profile, must be valid; none is required, so that
+    a mistake in it is reported at its line in it, not in every pipeline file below it.
     """
     path = folder / DEFAULTS_FILE
     if not path.is_file():
-        return {}
+        return None
     doc = read_yaml(path, shown_as)
-    data = _jsonable(doc.data)
-    problems = [_problem(doc, f) for f in _schema_findings(data) if not f.missing]
-    if "dag_id" in data:
+    data = {k: v for k, v in doc.data.items() if k != "profiles"}
+    problems = _partial_problems(doc, data, ())
+    profiles: dict[str, dict[str, Any]] = {}
+    given = doc.data.get("profiles", {})
+    if not isinstance(given, dict):
         problems.append(
             _locate(
                 doc,
-                ("dag_id",),
-                "a default dag_id would give every pipeline the same DAG id; set dag_id in "
-                "each pipeline file instead",
-                key=True,
+                ("profiles",),
+                f"must be a mapping of profile names to settings, not {_describe(given)}; "
+                "write e.g. profiles: {dev: {cluster: {backend: local}}}",
             )
         )
+        given = {}
+    for name, settings in given.items():
+        at = ("profiles", name)
+        if not isinstance(name, str) or not PROFILE_NAME.fullmatch(name):
+            message = (
+                f"{name!r} is not a profile name; use letters, digits, '_', '.' and '-', "
+                "starting with a letter or digit"
+            )
+            problems.append(_locate(doc, at, message, key=True))
+        elif not isinstance(settings, dict):
+            message = (
+                f"a profile must be a mapping of settings, not {_describe(settings)}; "
+                f"write {name}: {{}} for a profile that changes nothing"
+            )
+            problems.append(_locate(doc, at, message, key=True))
+        else:
+            problems += _partial_problems(doc, settings, at)
+            profiles[name] = settings
     if problems:
         raise SpecError(sorted(problems, key=lambda p: (p.line, p.column)))
-    return doc.data
+    return DefaultsFile(doc, data, profiles)
 
 
-def load_folder(folder: str | Path, shown_as: str | None = None) -> LoadResult:
-    """Load every pipeline file of a folder; never raises for a user's mistake."""
+def _partial_problems(doc: YamlFile, data: dict[str, Any], at: FieldPath) -> list[SpecProblem]:
+    """Problems of settings that are merged under pipelines (defaults, a profile): no key is
+    required, every key given must be valid, and none may set what must differ per pipeline."""
+    checked = {k: v for k, v in data.items() if k != "profiles"}
+    problems = [
+        _problem(doc, f._replace(field=(*at, *f.field)))
+        for f in _schema_findings(_jsonable(checked))
+        if not f.missing
+    ]
+    if "dag_id" in data:
+        message = (
+            "a default dag_id would give every pipeline the same DAG id; set dag_id in "
+            "each pipeline file instead"
+        )
+        problems.append(_locate(doc, (*at, "dag_id"), message, key=True))
+    if at and "profiles" in data:
+        # At the value: YamlFile.locate would stop at the outer `profiles` key for this path.
+        message = "profiles do not nest; put this profile's settings here directly"
+        problems.append(_locate(doc, (*at, "profiles"), message))
+    return problems
+
+
+class Defaults:
+    """The defaults.yml files that apply to pipeline files, each read and checked once.
+
+    root: the pipelines folder of every file given (Airflow's loader folder, whose files are
+    listed from it); None: each file's own, found by `pipelines_root`.
+    """
+
+    def __init__(self, profile: Profile | None = None, root: Path | None = None):
+        self.profile = profile
+        self.root = root
+        self.problems: list[SpecProblem] = []
+        """The problems of every broken defaults file read so far, each file's once."""
+        self._read: dict[Path, DefaultsFile | SpecError | None] = {}
+
+    def check(self, folder: Path, shown_as: str) -> DefaultsFile | None:
+        """The folder's defaults file, read once; raises SpecError if it is broken."""
+        if folder not in self._read:
+            try:
+                self._read[folder] = read_defaults_file(folder, shown_as)
+            except SpecError as exc:
+                self._read[folder] = exc
+                self.problems.extend(exc.problems)
+        found = self._read[folder]
+        if isinstance(found, SpecError):
+            raise found
+        return found
+
+    def chain(self, path: Path, shown: str) -> list[DefaultsFile]:
+        """The defaults files of a pipeline file, outermost first.
+
+        Raises SpecError with one problem of the pipeline file when one of them is broken, so
+        that each pipeline below a broken defaults file shows as broken, and only those.
+        """
+        folders = self._folders(path)
+        found = []
+        for levels, folder in zip(range(len(folders) - 1, -1, -1), folders, strict=True):
+            try:
+                defaults = self.check(
+                    folder, os.path.join(shown_folder(shown, levels), DEFAULTS_FILE)
+                )
+            except SpecError as exc:
+                raise SpecError(blocked_by_defaults([(path, shown)], exc.problems)) from None
+            if defaults is not None:
+                found.append(defaults)
+        return found
+
+    def merged(self, path: Path, shown: str) -> dict[str, Any]:
+        """What a pipeline is merged over: each defaults file, then its profile, outer first."""
+        files = self.chain(path, shown)
+        merged: dict[str, Any] = {}
+        for defaults in files:
+            merged = _merge(merged, defaults.data)
+            if self.profile and self.profile.name in defaults.profiles:
+                merged = _merge(merged, defaults.profiles[self.profile.name])
+        if self.profile and not any(self.profile.name in d.profiles for d in files):
+            raise SpecError([_unknown_profile(self.profile, files, shown)])
+        return merged
+
+    def _folders(self, path: Path) -> list[Path]:
+        """The folders from the file's pipelines folder down to its own."""
+        if self.root is not None:
+            root, folder = self.root, path.parent
+        else:
+            folder = path.resolve().parent
+            root = pipelines_root(path) or folder
+        try:
+            parts = folder.relative_to(root).parts
+        except ValueError:
+            return [folder]
+        folders = [root]
+        for part in parts:
+            folders.append(folders[-1] / part)
+        return folders
+
+
+def _unknown_profile(profile: Profile, files: list[DefaultsFile], shown: str) -> SpecProblem:
+    """The chosen profile is defined in no defaults file of this pipeline: say which exist.
+
+    It is a problem of each pipeline file it affects (not a silent fallback to no profile,
+    which would run a production pipeline with a laptop's settings).
+    """
+    chosen = f"profile {profile.name!r} (from {profile.origin})"
+    unset = "unset DAGFACTORY_PROFILE" if profile.origin == PROFILE_VARIABLE else "drop --profile"
+    defined: dict[str, DefaultsFile] = {}
+    for defaults in files:
+        for name in defaults.profiles:
+            defined.setdefault(name, defaults)
+    if defined:
+        close = difflib.get_close_matches(profile.name, list(defined), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        listed = ", ".join(
+            f"{name} ({d.shown}:{d.profile_line(name)})" for name, d in sorted(defined.items())
+        )
+        message = (
+            f"{chosen} is defined in no defaults file of this pipeline; {hint}"
+            f"profiles defined: {listed}"
+        )
+    elif files:
+        message = (
+            f"{chosen} is defined in no defaults file of this pipeline, and none of them "
+            f"({', '.join(d.shown for d in files)}) has profiles; add profiles: "
+            f"{{{profile.name}: {{...}}}} to one of them, or {unset}"
+        )
+    else:
+        message = (
+            f"{chosen} is defined nowhere: no defaults.yml applies to this pipeline; add one "
+            f"with profiles: {{{profile.name}: {{...}}}} to its folder, or {unset}"
+        )
+    return SpecProblem(shown, message, 1, 1)
+
+
+def load_folder(
+    folder: str | Path, shown_as: str | None = None, profile: Profile | None = None
+) -> LoadResult:
+    """Load every pipeline file of a pipelines folder and its subfolders; never raises for a
+    user's mistake. Every defaults file of the tree is checked, even one no pipeline uses."""
     folder = Path(folder)
     shown = Path(shown_as) if shown_as is not None else folder
-    files = [(p, str(shown / p.name)) for p in pipeline_files(folder)]
-    try:
-        defaults = read_defaults(folder, str(shown / DEFAULTS_FILE))
-    except SpecError as exc:
-        return LoadResult((), exc.problems + blocked_by_defaults(files, exc.problems))
-    return load_files(files, defaults)
+    defaults = Defaults(profile, root=folder)
+    unreadable: list[SpecProblem] = []
+    files: list[tuple[Path, str]] = []
+    for sub, names in pipeline_folders(folder, unreadable):
+        shown_sub = shown / sub.relative_to(folder)
+        if DEFAULTS_FILE in names:
+            # A broken one is kept in defaults.problems; the files below it say they are blocked.
+            with contextlib.suppress(SpecError):
+                defaults.check(sub, str(shown_sub / DEFAULTS_FILE))
+        files += [(sub / name, str(shown_sub / name)) for name in names if is_pipeline_name(name)]
+    result = load_files(files, defaults)
+    return LoadResult(result.specs, (*unreadable, *result.problems))
+
+
+def load_pipeline(
+    path: str | Path, shown_as: str | None = None, defaults: Defaults | None = None
+) -> PipelineSpec:
+    """One pipeline file with the defaults files of its pipelines folder, as Airflow loads it.
+
+    Raises SpecError with every problem: the file's, and those of a broken defaults file.
+    """
+    path = Path(path)
+    result = load_files([(path, shown_as or str(path))], defaults or Defaults(selected_profile()))
+    if result.problems:
+        raise SpecError(result.problems)
+    return result.specs[0]
 
 
 def blocked_by_defaults(
@@ -168,13 +465,22 @@ def blocked_by_defaults(
     )
 
 
-def load_files(files: Iterable[tuple[Path, str]], defaults: dict[str, Any]) -> LoadResult:
-    """Load (path, name shown in messages) pairs, then check DAG ids are unique across them."""
+def load_files(
+    files: Iterable[tuple[Path, str]],
+    defaults: dict[str, Any] | Defaults,
+    taken: dict[str, str] | None = None,
+) -> LoadResult:
+    """Load (path, name shown in messages) pairs, then check DAG ids are unique across them.
+
+    defaults: merged under every file alike, or the defaults files of each file's folders
+    (whose own problems then come first in the result). taken: as in `unique_dag_ids`.
+    """
     loaded: list[tuple[PipelineSpec, str]] = []
     problems: list[SpecProblem] = []
     for path, shown in files:
         try:
-            loaded.append((load_file(path, defaults, shown_as=shown), shown))
+            merged = defaults.merged(path, shown) if isinstance(defaults, Defaults) else defaults
+            loaded.append((load_file(path, merged, shown_as=shown), shown))
         except SpecError as exc:
             problems.extend(exc.problems)
         except Exception as exc:  # a bug in a check must not take the other pipelines down
@@ -187,8 +493,9 @@ def load_files(files: Iterable[tuple[Path, str]], defaults: dict[str, Any]) -> L
                     1,
                 )
             )
-    specs, duplicates = unique_dag_ids(loaded)
-    return LoadResult(tuple(specs), tuple(problems + duplicates))
+    specs, duplicates = unique_dag_ids(loaded, taken)
+    found = defaults.problems if isinstance(defaults, Defaults) else []
+    return LoadResult(tuple(specs), tuple(found + problems + duplicates))
 
 
 def unique_dag_ids(
@@ -359,6 +666,12 @@ def _schema_findings(data: dict[str, Any]) -> Iterator[_Finding]:
             allowed = list(error.schema.get("properties", {}))
             for key in sorted(set(error.instance) - set(allowed), key=str):
                 message = f"unknown key {key!r}; {_suggest(key, allowed)}"
+                if key == "profiles" and not path:
+                    message = (
+                        "profiles belong in a defaults.yml, not in a pipeline file: move this "
+                        "block to the defaults.yml of this folder or of one above it, and choose "
+                        "a profile with DAGFACTORY_PROFILE or --profile"
+                    )
                 yield _Finding((*path, key), message, at_key=True)
         elif error.validator == "required":
             missing = error.message.split("'")[1]

@@ -25,20 +25,30 @@ from pathlib import Path
 from typing import Any
 
 from dagfactory.spec import (
+    ASSET_URI_PATTERN,
     DAG_ID_PATTERN,
     DURATION_PATTERN,
     ENTRYPOINT_PATTERN,
     IDENTIFIER_PATTERN,
     SIZE_PATTERN,
+    AssetCondition,
     ClusterSpec,
+    Keywords,
     ParamSpec,
     PipelineSpec,
+    ScheduleSpec,
     SourceSpec,
 )
 
 SCHEMA_ID = "https://dagfactory.dev/schemas/pipeline.schema.json"
 SCHEMA_FILE = "pipeline.schema.json"
-_DEFS = {SourceSpec: "source", ClusterSpec: "cluster", ParamSpec: "param"}
+_DEFS = {
+    SourceSpec: "source",
+    ClusterSpec: "cluster",
+    ParamSpec: "param",
+    ScheduleSpec: "schedule",
+    AssetCondition: "asset_condition",
+}
 
 EDITOR_KEY = "editor"
 """Field metadata `schema` key whose keywords go into the editor's file only.
@@ -60,12 +70,20 @@ PATTERN_MESSAGES = {
     IDENTIFIER_PATTERN: (
         "Use a Python name: letters, digits and '_', not starting with a digit, e.g. chunks."
     ),
+    ASSET_URI_PATTERN: (
+        "Write an asset URI without spaces, e.g. s3://bucket/sales or file:///data/sales "
+        "(the airflow:// scheme is reserved)."
+    ),
 }
 
 
-def _type_schema(hint: Any) -> dict[str, Any]:
+def _type_schema(hint: Any, editor: bool) -> dict[str, Any]:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if origin is typing.Annotated:
+        # A type that carries its own keywords (spec.AssetUri) has them wherever it is used.
+        keywords = [_keywords(k.schema, editor) for k in args[1:] if isinstance(k, Keywords)]
+        return {**_type_schema(args[0], editor), **{k: v for d in keywords for k, v in d.items()}}
     if hint is str:
         return {"type": "string"}
     if hint is bool:
@@ -78,20 +96,52 @@ def _type_schema(hint: Any) -> dict[str, Any]:
         return {"type": "string"}
     if hint is Any:
         return {}
-    if hint in _DEFS:
+    if isinstance(hint, type) and hint in _DEFS:
         return {"$ref": f"#/$defs/{_DEFS[hint]}"}
     if origin is tuple:
-        return {"type": "array", "items": _type_schema(args[0])}
+        return {"type": "array", "items": _type_schema(args[0], editor)}
     if origin is dict:
-        return {"type": "object", "additionalProperties": _type_schema(args[1])}
+        return {"type": "object", "additionalProperties": _type_schema(args[1], editor)}
     if origin in (typing.Union, types.UnionType):
-        options = [_type_schema(a) for a in args if a is not type(None)]
+        options = [_type_schema(a, editor) for a in args if a is not type(None)]
         nullable = type(None) in args
+        if merged := _with_one_object(options, nullable):
+            return merged
         if len(options) == 1 and "type" in options[0] and len(options[0]) == 1:
             kinds = [options[0]["type"]] + (["null"] if nullable else [])
             return {"type": kinds if nullable else kinds[0]}
         return {"anyOf": options + ([{"type": "null"}] if nullable else [])}
     raise TypeError(f"no JSON Schema for {hint!r}")
+
+
+def _with_one_object(options: list[dict[str, Any]], nullable: bool) -> dict[str, Any] | None:
+    """A union of plain types and one spec class, as one schema: `{type: [...], if: object,
+    then: class}`.
+
+    With anyOf instead, a mistake inside the mapping fails every option and a validator can
+    only say "not any of these"; here it is reported where it is, as the class's own error (an
+    unknown key, with a "did you mean"). The keywords of the plain options apply to their own
+    type only (items to arrays, pattern to strings), so they merge without conflict.
+    """
+    refs = [o for o in options if "$ref" in o]
+    plain = [o for o in options if "$ref" not in o]
+    if len(refs) != 1 or not all(isinstance(o.get("type"), str) for o in plain):
+        return None
+    kinds = [o["type"] for o in plain]
+    if "object" in kinds or len(set(kinds)) != len(kinds):
+        return None
+    merged: dict[str, Any] = {"type": [*kinds, "object"] + (["null"] if nullable else [])}
+    for option in plain:
+        merged.update({k: v for k, v in option.items() if k != "type"})
+    merged.update({"if": {"type": "object"}, "then": refs[0]})
+    return merged
+
+
+def _keywords(schema: dict[str, Any], editor: bool) -> dict[str, Any]:
+    """JSON Schema keywords from spec metadata; those under EDITOR_KEY in the editor's file only."""
+    keywords = dict(schema)
+    editor_only = keywords.pop(EDITOR_KEY, {})
+    return {**keywords, **editor_only} if editor else keywords
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -109,18 +159,14 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def _object_schema(cls: type, editor: bool) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     properties: dict[str, Any] = {}
     required = []
     for f in dataclasses.fields(cls):
         if f.metadata.get("internal"):
             continue
-        prop = {"description": f.metadata["description"], **_type_schema(hints[f.name])}
-        keywords = dict(f.metadata.get("schema", {}))
-        editor_only = keywords.pop(EDITOR_KEY, {})
-        prop.update(keywords)
-        if editor:
-            prop.update(editor_only)
+        prop = {"description": f.metadata["description"], **_type_schema(hints[f.name], editor)}
+        prop.update(_keywords(f.metadata.get("schema", {}), editor))
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             required.append(f.name)
         elif (default := _default(f)) is not dataclasses.MISSING:
@@ -133,6 +179,7 @@ def _object_schema(cls: type, editor: bool) -> dict[str, Any]:
         "description": (cls.__doc__ or "").strip(),
         "properties": properties,
         "additionalProperties": False,
+        **_keywords(getattr(cls, "SCHEMA", {}), editor),
     }
     if required:
         schema["required"] = required

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import date, timedelta
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 # Durations and sizes mean what Dask makes of them (`dask.utils.parse_timedelta`,
 # `parse_bytes`), so a value a Dask user already writes means the same here. The patterns accept
@@ -23,6 +23,25 @@ SIZE_PATTERN = r"^\s*[0-9]+(\.[0-9]+)?\s*([kKmMgGtTpP][iI]?[bB]?|[bB])?\s*$"
 IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 ENTRYPOINT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 DAG_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
+# The part of the asset URI rules an editor can show as you type: not empty, no space or control
+# character, not Airflow's reserved scheme. `dagfactory validate` checks every rule, in words
+# (checks.asset_uri_problem).
+ASSET_URI_PATTERN = r"^(?![Aa][Ii][Rr][Ff][Ll][Oo][Ww]:)[^\s\x00-\x1f\x7f]+$"
+ASSET_URI_MAX_LENGTH = 1500  # Airflow's limit for an asset's name and URI
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: typing hashes Annotated metadata
+class Keywords:
+    """JSON Schema keywords a type carries into every place it is used (`Annotated[type, ...]`),
+    in the form of a field's: those under "editor" go into the editor's file only."""
+
+    schema: dict[str, Any]
+
+
+AssetUri = Annotated[
+    str, Keywords({"editor": {"maxLength": ASSET_URI_MAX_LENGTH, "pattern": ASSET_URI_PATTERN}})
+]
+"""An Airflow asset, named by its URI: s3://bucket/key, file:///path, x-kind://anything."""
 
 
 def doc(description: str, default: Any = None, **schema: Any) -> Any:
@@ -286,6 +305,62 @@ class ClusterSpec:
 
 
 @dataclass(frozen=True)
+class AssetCondition:
+    """Assets combined: 'any' (one of them updated) or 'all' (every one); they nest."""
+
+    any: tuple[AssetUri | AssetCondition, ...] = doc(
+        "A run starts when any one of these assets (or combinations) is updated.",
+        tuple,
+        examples=[["s3://acme/sales/eu", "s3://acme/sales/us"]],
+    )
+    all: tuple[AssetUri | AssetCondition, ...] = doc(
+        "A run starts once every one of these assets (or combinations) has been updated since "
+        "the last run.",
+        tuple,
+        examples=[["s3://acme/sales/", {"any": ["s3://acme/fx/ecb", "s3://acme/fx/fed"]}]],
+    )
+    SCHEMA: ClassVar[dict[str, Any]] = {"editor": {"minProperties": 1, "maxProperties": 1}}
+
+    @property
+    def kind(self) -> str:
+        """'any' or 'all' (validation makes sure exactly one of them is written)."""
+        return "any" if self.any else "all"
+
+    @property
+    def items(self) -> tuple[str | AssetCondition, ...]:
+        return self.any or self.all
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """A run whenever these assets are updated (by pipelines' outlets or anything in Airflow)."""
+
+    assets: tuple[AssetUri | AssetCondition, ...] | AssetCondition = doc(
+        "The assets whose updates start a run: a list (a run once every one has been updated), "
+        "or {any: [...]} / {all: [...]}, which nest. Items are asset URIs.",
+        _REQUIRED,
+        examples=[
+            ["s3://acme/sales/"],
+            {"any": ["s3://acme/sales/eu", "s3://acme/sales/us"]},
+            {"all": ["s3://acme/sales/", {"any": ["s3://acme/fx/ecb", "s3://acme/fx/fed"]}]},
+        ],
+    )
+    cron: str | None = doc(
+        "Also run on this cron expression or preset (@daily, ...), whether or not the assets "
+        "were updated: a run at the time or on the assets, whichever comes.",
+        None,
+        examples=["0 3 * * *", "@daily"],
+    )
+
+    @property
+    def asset_condition(self) -> AssetCondition:
+        """The assets as one condition: a list means all of them."""
+        if isinstance(self.assets, AssetCondition):
+            return self.assets
+        return AssetCondition(all=self.assets)
+
+
+@dataclass(frozen=True)
 class PipelineSpec:
     """One pipeline file: a DAG that runs a git entry point on a Dask cluster."""
 
@@ -308,10 +383,24 @@ class PipelineSpec:
     )
     owner: str = doc("Owner shown in Airflow.", "dagfactory", examples=["data-eng"])
     tags: tuple[str, ...] = doc("Airflow tags.", tuple, examples=[["sales", "nightly"]])
-    schedule: str | None = doc(
-        "Cron expression or Airflow preset (@daily, @hourly, ...); null runs only when triggered.",
+    schedule: str | ScheduleSpec | None = doc(
+        "Cron expression or Airflow preset (@daily, @hourly, ...); or a mapping {assets: [...]} "
+        "to run when other pipelines (their outlets) or anything in Airflow update those "
+        "assets, with an optional cron: to also run on a time; null runs only when triggered.",
         None,
-        examples=["@daily", "0 6 * * 1-5"],
+        examples=[
+            "@daily",
+            "0 6 * * 1-5",
+            {"assets": ["s3://acme/sales/"]},
+            {"cron": "0 3 * * *", "assets": {"any": ["s3://acme/sales/eu", "s3://acme/fx/"]}},
+        ],
+    )
+    outlets: tuple[AssetUri, ...] = doc(
+        "Assets (URIs) this pipeline updates: each successful run of the entry point emits an "
+        "Airflow asset event for every one of them, which starts the pipelines whose schedule "
+        "names it, and the Airflow UI draws the lineage.",
+        tuple,
+        examples=[["s3://acme/sales/daily"], ["file:///data/sales", "x-warehouse://sales"]],
     )
     start_date: date | None = doc(
         "First logical date of the schedule, as YYYY-MM-DD.",

@@ -96,12 +96,12 @@ class YamlFile:
         """
         node = self.root
         line, column = (1, 1) if node is None else _mark(node)
-        for part in field_path:
+        for depth, part in enumerate(field_path):
             child = None
             if isinstance(node, yaml.MappingNode):
                 for key_node, value_node in node.value:
                     if _is_key(key_node, part):
-                        child = key_node if key and part == field_path[-1] else value_node
+                        child = key_node if key and depth == len(field_path) - 1 else value_node
                         break
             elif (
                 isinstance(node, yaml.SequenceNode)

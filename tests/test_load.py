@@ -129,3 +129,40 @@ def test_duration_and_size_patterns_accept_what_dask_reads_and_nothing_else():
             parse_bytes(text)  # and Dask reads it
     for bad in ("1h30m", "one hour", "90", "1e3s", "-5m"):
         assert not re.match(DURATION_PATTERN, bad), bad
+
+
+def test_pipeline_files_in_subfolders_load_and_hidden_or_underscore_folders_do_not(tmp_path):
+    write_pipeline(tmp_path, "top", MINIMAL)
+    write_pipeline(tmp_path / "team" / "etl", "deep", MINIMAL)
+    write_pipeline(tmp_path / "_drafts", "draft", "not: [valid")
+    write_pipeline(tmp_path / ".git", "config", "not: [valid")
+    (tmp_path / "linked").symlink_to(tmp_path / "team")  # a second way to the same files
+    result = load_folder(tmp_path)
+    assert result.problems == ()
+    assert [s.dag_id for s in result.specs] == ["top", "deep"]
+    assert result.specs[1].origin == str(tmp_path / "team" / "etl" / "deep.yml")
+
+
+def test_an_inner_defaults_file_wins_key_by_key_and_reaches_only_below_it(tmp_path):
+    (tmp_path / "defaults.yml").write_text("owner: platform\ncluster: {workers: 8, cpu: 2}\n")
+    (tmp_path / "team" / "etl").mkdir(parents=True)
+    (tmp_path / "team" / "defaults.yml").write_text("cluster: {cpu: 4}\n")
+    write_pipeline(tmp_path / "team" / "etl", "deep", MINIMAL + "cluster: {memory: 8GiB}\n")
+    write_pipeline(tmp_path / "other", "side", MINIMAL)
+    specs = {s.dag_id: s for s in load_folder(tmp_path).specs}
+    deep, side = specs["deep"].cluster, specs["side"].cluster
+    assert (specs["deep"].owner, deep.workers, deep.cpu, deep.memory) == ("platform", 8, 4, "8GiB")
+    assert (specs["side"].owner, side.workers, side.cpu) == ("platform", 8, 2)
+
+
+def test_a_repeated_dag_id_goes_to_the_file_met_first_top_folder_then_subfolders_by_name(tmp_path):
+    write_pipeline(tmp_path / "b", "job", MINIMAL)
+    write_pipeline(tmp_path / "a", "job", MINIMAL)
+    write_pipeline(tmp_path, "zz", MINIMAL + "dag_id: job\n")
+    result = load_folder(tmp_path)
+    (spec,) = result.specs
+    assert spec.origin == str(tmp_path / "zz.yml")
+    assert sorted(p.file for p in result.problems) == [
+        str(tmp_path / "a" / "job.yml"), str(tmp_path / "b" / "job.yml"),
+    ]  # fmt: skip
+    assert all(f"already used by {tmp_path / 'zz.yml'}" in p.message for p in result.problems)
