@@ -30,7 +30,7 @@ from dagfactory.load import load_file
 from dagfactory.schema import editor_schema, pipeline_schema
 from tests.conftest import make_repo, write_pipeline
 from tests.test_build import _SERIALIZE
-from tests.test_validate_properties import SETTINGS, _check_load, _get, _parent, _paths, values
+from tests.test_validate_properties import SETTINGS, _check_load, mutations, values
 
 HEAD = "source: {git: https://example.com/acme/jobs.git}\nentrypoint: jobs.main:run\n"
 
@@ -405,25 +405,8 @@ _ASSET_VALUES = st.one_of(
 ).map(copy.deepcopy)  # a sampled list or mapping is one object; a mutation must not alias it
 
 
-@st.composite
-def mutated_asset_data(draw: st.DrawFn) -> dict:
-    data = copy.deepcopy(draw(st.sampled_from(ASSET_BASES)))
-    for _ in range(draw(st.integers(min_value=1, max_value=3))):
-        paths = _paths(data)
-        kind = draw(st.sampled_from(["drop", "replace", "unknown_key"]))
-        if kind == "unknown_key" or not paths:
-            mappings = [()] + [p for p in paths if isinstance(_get(data, p), dict)]
-            target = _get(data, draw(st.sampled_from(mappings)))
-            name = draw(st.sampled_from(_ASSET_KEYS))
-            target[name + draw(st.sampled_from(["", "s", "_"]))] = draw(_ASSET_VALUES)
-            continue
-        path = draw(st.sampled_from(paths))
-        parent = _parent(data, path)
-        if kind == "drop":
-            del parent[path[-1]]
-        else:
-            parent[path[-1]] = draw(_ASSET_VALUES)
-    return data
+def mutated_asset_data() -> st.SearchStrategy:
+    return mutations(ASSET_BASES, st.sampled_from(_ASSET_KEYS), _ASSET_VALUES)
 
 
 @SETTINGS

@@ -101,25 +101,37 @@ def _parent(data: Any, path: tuple) -> Any:
     return data
 
 
-@st.composite
-def mutated_data(draw: st.DrawFn) -> dict[str, Any]:
-    data = copy.deepcopy(draw(st.sampled_from(BASES)))
-    for _ in range(draw(st.integers(min_value=1, max_value=3))):
-        paths = _paths(data)
-        kind = draw(st.sampled_from(["drop", "replace", "unknown_key"]))
-        if kind == "unknown_key" or not paths:
-            mappings = [()] + [p for p in paths if isinstance(_get(data, p), dict)]
-            target = _get(data, draw(st.sampled_from(mappings)))
-            name = draw(st.one_of(st.text(min_size=1, max_size=12), st.sampled_from(KNOWN_KEYS)))
-            target[name + draw(st.sampled_from(["", "s", "_", "x"]))] = draw(values)
-            continue
-        path = draw(st.sampled_from(paths))
-        parent = _parent(data, path)
-        if kind == "drop":
-            del parent[path[-1]]
-        else:
-            parent[path[-1]] = draw(values)
-    return data
+def mutations(
+    bases: list[dict[str, Any]], names: st.SearchStrategy, new_values: st.SearchStrategy
+) -> st.SearchStrategy:
+    """Specs from `bases` with one to three mutations: a key dropped, a value replaced, an
+    unknown (or misspelt) key added."""
+
+    @st.composite
+    def mutated(draw: st.DrawFn) -> dict[str, Any]:
+        data = copy.deepcopy(draw(st.sampled_from(bases)))
+        for _ in range(draw(st.integers(min_value=1, max_value=3))):
+            paths = _paths(data)
+            kind = draw(st.sampled_from(["drop", "replace", "unknown_key"]))
+            if kind == "unknown_key" or not paths:
+                mappings = [()] + [p for p in paths if isinstance(_get(data, p), dict)]
+                target = _get(data, draw(st.sampled_from(mappings)))
+                target[draw(names) + draw(st.sampled_from(["", "s", "_", "x"]))] = draw(new_values)
+                continue
+            path = draw(st.sampled_from(paths))
+            parent = _parent(data, path)
+            if kind == "drop":
+                del parent[path[-1]]
+            else:
+                parent[path[-1]] = draw(new_values)
+        return data
+
+    return mutated()
+
+
+def mutated_data() -> st.SearchStrategy:
+    names = st.one_of(st.text(min_size=1, max_size=12), st.sampled_from(KNOWN_KEYS))
+    return mutations(BASES, names, values)
 
 
 def _get(data: Any, path: tuple) -> Any:
