@@ -211,7 +211,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 _NEW_TEMPLATE = """\
 {schema_line}description: {description}
-schedule: null                # cron, a preset such as "@daily", or null: only when triggered
+schedule: null                # cron, a preset such as "@daily", null: only when triggered,
+                              # or {{assets: [s3://bucket/path]}}: when another pipeline updates it
 source:
   git: {git}
   # ref: main                 # branch, tag or commit; default: the remote's HEAD
@@ -219,7 +220,7 @@ source:
 entrypoint: {entrypoint}
 params: {{}}                    # keyword arguments of the entry point
 cluster:
-  backend: local              # local | existing (with address: tcp://host:8786)
+  backend: local              # local | existing (with address: tcp://host:8786) | fargate
   workers: 2
   cpu: 1
   memory: 2GiB
