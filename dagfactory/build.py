@@ -85,7 +85,7 @@ def build_dag(spec: PipelineSpec) -> DAG:
             task_id="cluster_up",
             spec=spec,
             workspace=bootstrap.output,
-            **_drives_cluster(spec, priority=1),
+            **_drives_cluster(spec, pooled=False),
         )
         run = RunOperator(
             task_id="run",
@@ -95,7 +95,7 @@ def build_dag(spec: PipelineSpec) -> DAG:
             execution_timeout=parse_duration(spec.timeout) if spec.timeout else None,
             # Emitted when the entry point succeeds; a step's outlets will go on its own task.
             outlets=[asset(uri) for uri in spec.outlets],
-            **_drives_cluster(spec, priority=2),
+            **_drives_cluster(spec, pooled=True),
         )
         teardown = TeardownOperator(task_id="teardown", spec=spec, cluster=cluster_up.output)
         # Not on_failure_fail_dagrun: with it, Airflow judges the run by the teardown alone
@@ -152,18 +152,18 @@ def _schedule(
     )
 
 
-def _drives_cluster(spec: PipelineSpec, priority: int) -> dict[str, object]:
-    """Queue, pool and priority of the tasks that start and use a cluster.
+def _drives_cluster(spec: PipelineSpec, pooled: bool) -> dict[str, object]:
+    """Queue (and, for the run task, pool) of the tasks that start and use a cluster.
 
-    The pool's slot is held from cluster_up until run ends. A run that holds a cluster goes
-    first when slots free up (absolute weights: run over cluster_up), so a new cluster does not
-    start between another run's cluster_up and its run. Teardown takes no slot: stopping a
-    cluster never waits for a quota.
+    With a pool, the cluster starts inside the run task, which holds the slot: an Airflow slot
+    is held only while one task runs, so a cluster started by cluster_up would be up, unpaid
+    for by any slot, while its run waits for one (and another run's cluster_up could take the
+    slot in between). Teardown takes no slot: stopping a cluster never waits for a quota.
     """
-    options: dict[str, object] = {"priority_weight": priority, "weight_rule": "absolute"}
+    options: dict[str, object] = {}
     if spec.queue:
         options["queue"] = spec.queue
-    if spec.cluster.pool:
+    if pooled and spec.cluster.pool:
         options["pool"] = spec.cluster.pool
     return options
 

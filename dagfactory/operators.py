@@ -107,9 +107,15 @@ class ClusterUpOperator(_PipelineOperator):
     operator_extra_links = (DaskDashboardLink(),)
     cluster_handle: dict[str, Any] | None = None
 
-    def execute(self, context: Any) -> dict[str, Any]:
+    def execute(self, context: Any) -> dict[str, Any] | None:
         from dagfactory import steps
 
+        if self.spec.cluster.pool:
+            self.log.info(
+                "pool %s: the cluster starts in the run task, which holds the pool's slot",
+                self.spec.cluster.pool,
+            )
+            return None
         self.cluster_handle = steps.cluster_up(
             self.spec, self.workspace, run_key(context), _credentials(self.spec), self.log.info
         )

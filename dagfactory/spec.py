@@ -286,7 +286,9 @@ class ClusterSpec:
     )
     pool: str | None = doc(
         "Airflow pool that caps how many clusters run at once across the deployment: "
-        "cluster_up and run take one slot of it, so a run waits (queued) for a free slot. "
+        "the run task takes one slot of it, and the cluster then starts in the run task (not "
+        "in cluster_up), so that a cluster exists only while it holds a slot; a run waits "
+        "(queued) for a free slot. "
         "The pool must exist (airflow pools set dagfactory_clusters 4 'running clusters'): "
         "Airflow never schedules a task of a pool that does not. Default: Airflow's "
         "default_pool.",

@@ -129,7 +129,10 @@ def ensure_cluster(
         host = handle.get("details", {}).get("host")
         where = f", started on {host}" if host and host != socket.gethostname() else ""
         lost = f" ({handle['scheduler_address']}{where})"
-    output(f"the cluster of this run{lost} does not answer; starting a new one under {key}")
+    if handle is None:
+        output(f"starting the cluster of this run under {key}")
+    else:
+        output(f"the cluster of this run{lost} does not answer; starting a new one under {key}")
     return cluster_up(spec, boot, key, credentials, output)
 
 

@@ -246,10 +246,8 @@ def test_queue_and_pool_go_on_the_tasks_that_drive_a_cluster(tmp_path):
     assert {n: t.queue for n, t in tasks.items()} == {
         "bootstrap": default_queue, "cluster_up": "big", "run": "big", "teardown": default_queue,
     }  # fmt: skip
-    # Teardown never waits for a slot; a run holding a cluster goes before a new cluster_up.
+    # Only run holds a slot (the cluster starts there); teardown never waits for one.
     assert {n: t.pool for n, t in tasks.items()} == {
-        "bootstrap": "default_pool", "cluster_up": "dagfactory_clusters",
+        "bootstrap": "default_pool", "cluster_up": "default_pool",
         "run": "dagfactory_clusters", "teardown": "default_pool",
     }  # fmt: skip
-    assert tasks["run"].priority_weight > tasks["cluster_up"].priority_weight
-    assert tasks["run"].weight_rule == tasks["cluster_up"].weight_rule == "absolute"

@@ -309,7 +309,7 @@ def test_an_unambiguous_short_sha_is_the_commit_it_starts(tmp_path, repo_factory
     repo.commit("second")
     with http_git_server(repo.path.parent) as server:
         for url in (repo.path, f"{server.url}/{repo.path.name}"):
-            spec = _spec(tmp_path, url, f"  ref: {old[:7]}\n")
+            spec = _spec(tmp_path, url, f"  ref: '{old[:7]}'\n")
             assert resolve_commit(spec) == old  # not a branch tip: found in the history
             assert (checkout(spec, old) / "job.py").read_text() == "X = 1\n"
     with pytest.raises(WorkspaceError, match="neither a branch nor a tag .* nor the start"):
@@ -340,10 +340,10 @@ def test_an_ambiguous_short_sha_lists_the_candidates(tmp_path, repo_factory):
             r.refs[f"refs/heads/b{n}".encode()] = commit.id
     expected = f"'{prefix}' is the start of 2 commits of .*{pair[0].id.decode()[:12]} \\(candidate"
     with pytest.raises(WorkspaceError, match=expected) as info:
-        resolve_commit(_spec(tmp_path, repo.path, f"  ref: {prefix}\n"))
+        resolve_commit(_spec(tmp_path, repo.path, f"  ref: '{prefix}'\n"))
     assert "write more characters of the sha" in str(info.value)
     longer = pair[1].id.decode()[:12]
-    assert resolve_commit(_spec(tmp_path, repo.path, f"  ref: {longer}\n")) == pair[1].id.decode()
+    assert resolve_commit(_spec(tmp_path, repo.path, f"  ref: '{longer}'\n")) == pair[1].id.decode()
 
 
 # --- credentials ----------------------------------------------------------------------------
