@@ -24,6 +24,7 @@ from airflow.sdk import (
     CronTriggerTimetable,
     Param,
     TaskGroup,
+    cross_downstream,
     get_parsing_context,
 )
 
@@ -46,40 +47,55 @@ from dagfactory.operators import (
     release_cluster,
 )
 from dagfactory.params import json_schema
-from dagfactory.spec import AssetCondition, PipelineSpec, ScheduleSpec, parse_duration
+from dagfactory.spec import (
+    JINJA_EXPRESSION,
+    STEP_REFERENCE,
+    AssetCondition,
+    PipelineSpec,
+    ScheduleSpec,
+    StepSpec,
+    parse_duration,
+)
 
 GROUP = "pipeline"
 INVALID_TAG = "dagfactory:invalid"
 
 
 def build_dag(spec: PipelineSpec) -> DAG:
-    """The DAG of one pipeline: bootstrap -> cluster_up (setup) -> run -> teardown."""
+    """The DAG of one pipeline: bootstrap -> cluster_up (setup) -> run -> teardown, or with
+    stages, bootstrap -> for each stage: cluster_up (setup) -> steps -> teardown."""
     start = spec.start_date
-    with (
-        DAG(
-            dag_id=spec.dag_id,
-            description=spec.description or None,
-            schedule=_schedule(spec),
-            start_date=datetime(start.year, start.month, start.day, tzinfo=UTC) if start else None,
-            catchup=spec.catchup,
-            tags=sorted({"dagfactory", *spec.tags}),
-            params={
-                name: Param(param.default, **json_schema(param))
-                for name, param in spec.param_specs.items()
-            },
-            doc_md=_doc(spec),
-            default_args={
-                "owner": spec.owner,
-                "retries": spec.retries,
-                "retry_delay": parse_duration(spec.retry_delay),
-                "retry_exponential_backoff": spec.retry_exponential_backoff,
-            },
-            dagrun_timeout=parse_duration(spec.dagrun_timeout) if spec.dagrun_timeout else None,
-            on_failure_callback=partial(release_cluster, spec),
-            max_active_tasks=4,
-        ) as dag,
-        TaskGroup(GROUP, tooltip=f"{spec.entrypoint} on a {spec.cluster.backend} cluster"),
-    ):
+    with DAG(
+        dag_id=spec.dag_id,
+        description=spec.description or None,
+        schedule=_schedule(spec),
+        start_date=datetime(start.year, start.month, start.day, tzinfo=UTC) if start else None,
+        catchup=spec.catchup,
+        tags=sorted({"dagfactory", *spec.tags}),
+        params={
+            name: Param(param.default, **json_schema(param))
+            for name, param in spec.param_specs.items()
+        },
+        doc_md=_doc(spec),
+        default_args={
+            "owner": spec.owner,
+            "retries": spec.retries,
+            "retry_delay": parse_duration(spec.retry_delay),
+            "retry_exponential_backoff": spec.retry_exponential_backoff,
+        },
+        dagrun_timeout=parse_duration(spec.dagrun_timeout) if spec.dagrun_timeout else None,
+        on_failure_callback=partial(release_cluster, spec),
+        max_active_tasks=4 if not spec.staged else max(4, _widest(spec) + len(spec.stages)),
+    ) as dag:
+        if spec.staged:
+            _stages(spec)
+        else:
+            _one_entrypoint(spec)
+    return dag
+
+
+def _one_entrypoint(spec: PipelineSpec) -> None:
+    with TaskGroup(GROUP, tooltip=f"{spec.entrypoint} on a {spec.cluster.backend} cluster"):
         bootstrap = BootstrapOperator(task_id="bootstrap", spec=spec)
         cluster_up = ClusterUpOperator(
             task_id="cluster_up",
@@ -93,15 +109,130 @@ def build_dag(spec: PipelineSpec) -> DAG:
             workspace=bootstrap.output,
             cluster=cluster_up.output,
             execution_timeout=parse_duration(spec.timeout) if spec.timeout else None,
-            # Emitted when the entry point succeeds; a step's outlets will go on its own task.
+            # Emitted when the entry point succeeds.
             outlets=[asset(uri) for uri in spec.outlets],
             **_drives_cluster(spec, pooled=True),
         )
-        teardown = TeardownOperator(task_id="teardown", spec=spec, cluster=cluster_up.output)
+        teardown = TeardownOperator(
+            task_id="teardown", spec=spec, cluster=cluster_up.output, earlier=(run.task_id,)
+        )
         # Not on_failure_fail_dagrun: with it, Airflow judges the run by the teardown alone
         # and a failed entry point would leave the DAG run green.
         bootstrap >> cluster_up >> run >> teardown.as_teardown(setups=cluster_up)
-    return dag
+
+
+def _stages(spec: PipelineSpec) -> None:
+    """One task group per stage: its cluster_up (setup), its steps, its teardown.
+
+    A stage's first steps wait for the last steps of the stages it depends on; its cluster_up
+    waits for them too, or (prewarm) only for the steps before them. Its teardown waits for
+    its own last steps only, so each cluster stops as soon as its stage is done.
+    """
+    bootstrap = BootstrapOperator(task_id="bootstrap", spec=spec)
+    task_ids = {
+        step: f"{name}.{step}" for name, stage in spec.stages.items() for step, _ in stage.all_steps
+    }
+    built: dict[str, tuple[ClusterUpOperator, list[list[RunOperator]]]] = {}
+    final = _final_step(spec)
+    for name in spec.stage_order():
+        stage = spec.stages[name]
+        staged = spec.for_stage(name)
+        with TaskGroup(name, tooltip=_stage_words(name, staged)):
+            cluster_up = ClusterUpOperator(
+                task_id="cluster_up",
+                spec=spec,
+                stage=name,
+                workspace=bootstrap.output,
+                **_drives_cluster(staged, pooled=False),
+            )
+            groups: list[list[RunOperator]] = []
+            earlier: tuple[str, ...] = ()
+            for group in stage.groups:
+                tasks = []
+                for step_name, step in group:
+                    timeout = step.timeout or spec.timeout
+                    outlets = [*step.outlets, *(spec.outlets if step_name == final else ())]
+                    tasks.append(
+                        RunOperator(
+                            task_id=step_name,
+                            spec=spec,
+                            stage=name,
+                            step=step,
+                            workspace=bootstrap.output,
+                            cluster=cluster_up.output,
+                            earlier=earlier,
+                            results={ref: task_ids[ref] for ref in _references(step)},
+                            execution_timeout=parse_duration(timeout) if timeout else None,
+                            outlets=[asset(uri) for uri in outlets],
+                            doc_md=f"`{step.entrypoint}(client, **params)` on the cluster of "
+                            f"stage `{name}`",
+                            **({"retries": step.retries} if step.retries is not None else {}),
+                            **_drives_cluster(staged, pooled=True),
+                        )
+                    )
+                earlier += tuple(t.task_id for t in tasks)
+                groups.append(tasks)
+            teardown = TeardownOperator(
+                task_id="teardown",
+                spec=spec,
+                stage=name,
+                cluster=cluster_up.output,
+                earlier=earlier,
+            )
+        bootstrap >> cluster_up >> groups[0]
+        for before, after in itertools.pairwise(groups):
+            cross_downstream(before, after)  # every step of a group before every one of the next
+        groups[-1] >> teardown.as_teardown(setups=cluster_up)
+        for dependency in stage.depends_on:
+            up, dependency_groups = built[dependency]
+            cross_downstream(dependency_groups[-1], groups[0])
+            if not stage.prewarm:
+                dependency_groups[-1] >> cluster_up
+            elif len(dependency_groups) > 1:
+                dependency_groups[-2] >> cluster_up
+            else:
+                up >> cluster_up
+        built[name] = (cluster_up, groups)
+
+
+def _references(step: StepSpec) -> list[str]:
+    """The steps whose results a step's params use ({{ steps.<name> }}), each once."""
+    found = []
+    for text in _param_strings(step.params):
+        for expression in JINJA_EXPRESSION.findall(text):
+            found += STEP_REFERENCE.findall(expression)
+    return list(dict.fromkeys(found))
+
+
+def _param_strings(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [text for item in value.values() for text in _param_strings(item)]
+    if isinstance(value, list | tuple):
+        return [text for item in value for text in _param_strings(item)]
+    return []
+
+
+def _final_step(spec: PipelineSpec) -> str | None:
+    """The step that emits the pipeline's outlets: the one last step of the one final stage
+    (validation makes sure there is one when the pipeline has outlets)."""
+    finals = [n for n in spec.stages if not any(n in s.depends_on for s in spec.stages.values())]
+    if len(finals) != 1 or len(spec.stages[finals[0]].groups[-1]) != 1:
+        return None
+    return spec.stages[finals[0]].groups[-1][0][0]
+
+
+def _widest(spec: PipelineSpec) -> int:
+    return max(len(group) for stage in spec.stages.values() for group in stage.groups)
+
+
+def _stage_words(name: str, staged: PipelineSpec) -> str:
+    cluster = staged.cluster
+    size = f"{cluster.workers} workers"
+    if cluster.adaptive:
+        size = f"{cluster.adaptive.minimum}-{cluster.adaptive.maximum} workers (adaptive)"
+    return f"stage {name}: a {cluster.backend} cluster of {size}"
 
 
 def asset(uri: str) -> Asset:
@@ -199,6 +330,17 @@ def _doc(spec: PipelineSpec) -> str:
         ("params", f"`{json.dumps(spec.param_defaults, sort_keys=True, default=str)}`"),
         ("file", f"`{Path(spec.origin).name}`"),
     ]  # fmt: skip
+    if spec.staged:
+        rows = [row for row in rows if row[0] not in ("entry point", "cluster")]
+        for name in reversed(spec.stage_order()):
+            stage = spec.stages[name]
+            after = f" after {', '.join(stage.depends_on)}" if stage.depends_on else ""
+            calls = " then ".join(
+                " and ".join(f"`{step}` ({s.entrypoint})" for step, s in group)
+                for group in stage.groups
+            )
+            words = _stage_words(name, spec.for_stage(name)).split(": ", 1)[1]
+            rows.insert(0, (f"stage {name}", f"{words}{after}: {calls}"))
     # Airflow's header shows a cron; an asset condition only as "Asset", so it gets words here.
     if isinstance(spec.schedule, ScheduleSpec):
         when = f"when {_condition_words(spec.schedule.asset_condition)} updated"

@@ -6,6 +6,7 @@ them into located problems. Messages say what is wrong and what to write instead
 
 from __future__ import annotations
 
+import copy
 import difflib
 import keyword
 import posixpath
@@ -16,9 +17,17 @@ from urllib.parse import urlsplit
 
 from dagfactory.spec import (
     ASSET_URI_MAX_LENGTH,
+    JINJA_EXPRESSION,
+    PARAM_REFERENCE,
+    RESERVED_STAGE_NAMES,
+    RESERVED_STEP_NAMES,
+    STEP_REFERENCE,
     AssetCondition,
+    ClusterSpec,
     PipelineSpec,
     ScheduleSpec,
+    StageSpec,
+    StepSpec,
     parse_duration,
     parse_size,
 )
@@ -56,17 +65,102 @@ def check_data(data: dict[str, Any]) -> Iterator[Finding]:
     if isinstance(params, dict):
         yield from _check_json(("params",), params)
         yield from _check_param_forms(params)
-    cluster = data.get("cluster")
-    if isinstance(cluster, dict):
-        yield from _check_backend_fields(cluster)
-    if isinstance(cluster, dict) and cluster.get("backend") == "existing":
-        for key in ("workers", "cpu", "memory"):
+    stages = data.get("stages")
+    if "entrypoint" in data and stages is not None:
+        yield (
+            ("entrypoint",),
+            "a pipeline has one entrypoint or stages, not both; move the entry point into a "
+            "stage's steps, e.g. steps: [{main: {entrypoint: " + str(data["entrypoint"]) + "}}]",
+        )
+    elif "entrypoint" not in data and stages is None:
+        yield (
+            ("entrypoint",),
+            "missing required key 'entrypoint'; add e.g. entrypoint: wordcount.job:main, or "
+            "stages: {...} for several steps and clusters",
+        )
+    cluster = data.get("cluster") if isinstance(data.get("cluster"), dict) else {}
+    if "cluster" in data:
+        yield from _check_cluster_data(("cluster",), cluster)
+    for name, stage in (stages or {}).items() if isinstance(stages, dict) else ():
+        if not isinstance(stage, dict):
+            continue
+        own = stage.get("cluster")
+        yield from _check_cluster_data(
+            ("stages", name, "cluster"),
+            stage_cluster(cluster, own if isinstance(own, dict) else {}),
+        )
+        for path, step in _raw_steps(("stages", name, "steps"), stage.get("steps")):
+            if isinstance(step.get("params"), dict):
+                yield from _check_json((*path, "params"), step["params"])
+
+
+def _raw_steps(path: FieldPath, items: Any) -> Iterator[tuple[FieldPath, dict[str, Any]]]:
+    """(path, mapping) of every step written as a mapping in a stage's raw steps list."""
+    for index, item in enumerate(items if isinstance(items, list) else ()):
+        if not isinstance(item, dict) or len(item) != 1:
+            continue
+        ((name, value),) = item.items()
+        if name == "parallel" and isinstance(value, list):
+            for inner, sub in enumerate(value):
+                if isinstance(sub, dict) and len(sub) == 1:
+                    ((sub_name, sub_value),) = sub.items()
+                    if isinstance(sub_value, dict):
+                        yield (*path, index, "parallel", inner, sub_name), sub_value
+        elif isinstance(value, dict):
+            yield (*path, index, name), value
+
+
+def _check_cluster_data(path: FieldPath, cluster: dict[str, Any]) -> Iterator[Finding]:
+    yield from _check_backend_fields(path, cluster)
+    if cluster.get("backend") == "existing":
+        for key in SIZING_FIELDS:
             if key in cluster:
                 yield (
-                    ("cluster", key),
+                    (*path, key),
                     f"the 'existing' backend uses the cluster as it is; '{key}' has no effect "
                     "there: remove it, or size the cluster where it is started",
                 )
+
+
+def merge_mappings(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge of mappings; the override wins, lists are replaced, not concatenated."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_mappings(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def stage_cluster(pipeline: dict[str, Any], own: dict[str, Any] | None) -> dict[str, Any]:
+    """A stage's cluster: its own settings merged over the pipeline's.
+
+    A stage that switches to another backend inherits only the settings that still mean
+    something there, so that a pipeline's `listen` or `subnets` does not make every stage on
+    another backend invalid.
+    """
+    own = own or {}
+    merged = merge_mappings(pipeline, own)
+    backend = own.get("backend")
+    if backend is not None and backend != pipeline.get("backend", "local"):
+        for name in list(merged):
+            if name not in own and not applies(name, backend):
+                del merged[name]
+    return merged
+
+
+def applies(name: str, backend: Any) -> bool:
+    """Whether a cluster setting means something to a backend (to a third-party one: all do)."""
+    if not isinstance(backend, str) or backend not in BACKEND_FIELDS:
+        return True
+    if backend == "existing" and name in SIZING_FIELDS:
+        return False
+    return not any(name in names for owner, names in BACKEND_FIELDS.items() if owner != backend)
+
+
+# Settings of the clusters dagfactory starts; the 'existing' backend uses a cluster as it is.
+SIZING_FIELDS = ("workers", "cpu", "memory", "adaptive")
 
 
 # Cluster settings that mean something to one built-in backend only.
@@ -81,7 +175,7 @@ BACKEND_FIELDS = {
 }  # fmt: skip
 
 
-def _check_backend_fields(cluster: dict[str, Any]) -> Iterator[Finding]:
+def _check_backend_fields(path: FieldPath, cluster: dict[str, Any]) -> Iterator[Finding]:
     """A setting of another backend is a mistake worth a word: it would silently do nothing."""
     backend = cluster.get("backend", "local")
     if not isinstance(backend, str) or backend not in BACKEND_FIELDS:
@@ -92,7 +186,7 @@ def _check_backend_fields(cluster: dict[str, Any]) -> Iterator[Finding]:
         for name in names:
             if name in cluster:
                 yield (
-                    ("cluster", name),
+                    (*path, name),
                     f"'{name}' applies to the '{owner}' backend only, and this cluster's backend "
                     f"is '{backend}'; remove it (or set backend: {owner})",
                 )
@@ -149,7 +243,8 @@ def check_spec(spec: PipelineSpec) -> Iterator[Finding]:
     yield from _check_outlets(spec)
     yield from _check_durations(spec)
     yield from _check_params(spec)
-    yield from _check_cluster(spec)
+    yield from _check_cluster(("cluster",), spec.cluster)
+    yield from _check_stages(spec)
 
 
 def _check_source(spec: PipelineSpec) -> Iterator[Finding]:
@@ -315,9 +410,13 @@ def _check_assets(path: FieldPath, assets: str | tuple | AssetCondition) -> Iter
 
 
 def _check_outlets(spec: PipelineSpec) -> Iterator[Finding]:
-    for index, uri in enumerate(spec.outlets):
-        if problem := asset_uri_problem(uri):
-            yield ("outlets", index), f"{uri!r} is not a valid asset URI: {problem}"
+    places = [(("outlets",), spec.outlets)]
+    for name, stage in spec.stages.items():
+        places += [((*path, "outlets"), step.outlets) for path, _, step in step_paths(name, stage)]
+    for path, outlets in places:
+        for index, uri in enumerate(outlets):
+            if problem := asset_uri_problem(uri):
+                yield (*path, index), f"{uri!r} is not a valid asset URI: {problem}"
 
 
 def asset_uri_problem(uri: str) -> str | None:
@@ -371,10 +470,14 @@ def asset_uri_problem(uri: str) -> str | None:
 
 
 def _check_durations(spec: PipelineSpec) -> Iterator[Finding]:
-    checks = (
+    checks = [
         (("timeout",), spec.timeout),
         (("cluster", "idle_timeout"), spec.cluster.idle_timeout),
-    )
+    ]
+    for name, stage in spec.stages.items():
+        checks.append((("stages", name, "cluster", "idle_timeout"), stage.cluster.idle_timeout))
+        for path, _, step in step_paths(name, stage):
+            checks.append(((*path, "timeout"), step.timeout))
     for path, value in checks:
         if value is not None and parse_duration(value).total_seconds() == 0:
             yield path, f"{value!r} is zero; write a duration longer than that, e.g. 30m"
@@ -391,18 +494,17 @@ def _check_params(spec: PipelineSpec) -> Iterator[Finding]:
         )
 
 
-def _check_cluster(spec: PipelineSpec) -> Iterator[Finding]:
+def _check_cluster(path: FieldPath, cluster: ClusterSpec) -> Iterator[Finding]:
     from dagfactory.backends import backend_exists, backend_names
 
-    cluster = spec.cluster
     if not backend_exists(cluster.backend):
         names = backend_names()
         close = difflib.get_close_matches(cluster.backend, names, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(names)}"
-        yield ("cluster", "backend"), f"unknown backend {cluster.backend!r}; {hint}"
+        yield (*path, "backend"), f"unknown backend {cluster.backend!r}; {hint}"
     if cluster.backend == "existing" and not cluster.address:
         yield (
-            ("cluster", "backend"),
+            (*path, "backend"),
             (
                 "the 'existing' backend needs the scheduler's address; add "
                 "'address: tcp://HOST:8786' under cluster"
@@ -410,11 +512,11 @@ def _check_cluster(spec: PipelineSpec) -> Iterator[Finding]:
         )
     if cluster.address and not re.match(r"^(tcp|tls|ucx|ws|wss)://[^\s/]+:\d+/?$", cluster.address):
         yield (
-            ("cluster", "address"),
+            (*path, "address"),
             (f"{cluster.address!r} is not a scheduler address; write e.g. tcp://host:8786"),
         )
     if parse_size(cluster.memory) == 0:
-        yield ("cluster", "memory"), f"{cluster.memory!r} is zero; write e.g. 2GiB"
+        yield (*path, "memory"), f"{cluster.memory!r} is zero; write e.g. 2GiB"
     if cluster.backend == "fargate":
         from dagfactory.backends.fargate import task_size_problem
 
@@ -425,4 +527,225 @@ def _check_cluster(spec: PipelineSpec) -> Iterator[Finding]:
         for cpu_field, memory_field, cpu, memory in sizes:
             problem = task_size_problem(cpu, parse_size(memory))
             if problem:
-                yield ("cluster", memory_field if "memory" in problem else cpu_field), problem
+                yield (*path, memory_field if "memory" in problem else cpu_field), problem
+    if cluster.adaptive is not None:
+        bounds = cluster.adaptive
+        if cluster.backend != "local":
+            yield (
+                (*path, "adaptive"),
+                f"adaptive scaling works on the local backend only for now, and this cluster's "
+                f"backend is '{cluster.backend}'; remove adaptive and set workers",
+            )
+        if bounds.minimum > bounds.maximum:
+            yield (
+                (*path, "adaptive", "minimum"),
+                f"minimum ({bounds.minimum}) is above maximum ({bounds.maximum}); the cluster "
+                "could never be within both",
+            )
+
+
+def step_paths(stage_name: str, stage: StageSpec) -> Iterator[tuple[FieldPath, str, StepSpec]]:
+    """(where it is written, name, step) of every step of a stage, in order."""
+    for index, item in enumerate(stage.steps):
+        ((name, value),) = item.items()
+        base: FieldPath = ("stages", stage_name, "steps", index)
+        if isinstance(value, tuple):
+            for inner, sub in enumerate(value):
+                ((sub_name, sub_step),) = sub.items()
+                yield (*base, "parallel", inner, sub_name), sub_name, sub_step
+        else:
+            yield (*base, name), name, value
+
+
+def _check_stages(spec: PipelineSpec) -> Iterator[Finding]:
+    """Names, the stage graph, and what step params may refer to."""
+    stages = spec.stages
+    for name, stage in stages.items():
+        if name in RESERVED_STAGE_NAMES:
+            yield (
+                ("stages", name),
+                f"{name!r} is the name of a task of every pipeline; name the stage otherwise",
+            )
+        yield from _check_cluster(("stages", name, "cluster"), stage.cluster)
+        for index, dependency in enumerate(stage.depends_on):
+            where = ("stages", name, "depends_on", index)
+            if dependency == name:
+                yield where, f"stage {name!r} cannot depend on itself"
+            elif dependency not in stages:
+                yield (
+                    where,
+                    f"no stage is called {dependency!r}; {_choices(dependency, list(stages))}",
+                )
+        if stage.prewarm and not stage.depends_on:
+            yield (
+                ("stages", name, "prewarm"),
+                "prewarm starts the cluster while the stages this one depends on finish, and "
+                "this stage depends on none; remove prewarm (its cluster starts with the run)",
+            )
+        if stage.prewarm and stage.cluster.pool:
+            yield (
+                ("stages", name, "prewarm"),
+                "with cluster.pool the cluster starts in the stage's first step, which holds "
+                "the pool's slot, so it cannot start early; remove prewarm or the pool",
+            )
+    cycle = _stage_cycle(spec)
+    if cycle:
+        yield (
+            ("stages", cycle[0], "depends_on"),
+            "stages depend on each other in a cycle ("
+            + " -> ".join([*cycle, cycle[0]])
+            + "); none of them could ever start: remove one of these depends_on",
+        )
+        return
+    yield from _check_steps(spec)
+    sinks = [n for n in stages if not any(n in s.depends_on for s in stages.values())]
+    if not sinks:
+        return
+    if spec.outlets and len(sinks) > 1:
+        yield (
+            ("outlets",),
+            f"with several final stages ({', '.join(sinks)}) a run has no one last step to "
+            "update the pipeline's outlets; put the outlets on the steps that write them",
+        )
+    elif spec.outlets and len(stages[sinks[0]].groups[-1]) > 1:
+        yield (
+            ("outlets",),
+            f"stage {sinks[0]!r} ends with parallel steps, so a run has no one last step to "
+            "update the pipeline's outlets; put the outlets on the steps that write them",
+        )
+
+
+def _stage_cycle(spec: PipelineSpec) -> list[str]:
+    """One cycle of stages through depends_on, in order ([] when there is none)."""
+    stages = spec.stages
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(name: str) -> list[str]:
+        state[name] = 1
+        path.append(name)
+        for dependency in stages[name].depends_on:
+            if dependency not in stages or dependency == name:
+                continue
+            if state.get(dependency) == 1:
+                return path[path.index(dependency) :]
+            if dependency not in state and (found := visit(dependency)):
+                return found
+        path.pop()
+        state[name] = 2
+        return []
+
+    for name in stages:
+        if name not in state and (found := visit(name)):
+            return list(reversed(found))
+    return []
+
+
+def _check_steps(spec: PipelineSpec) -> Iterator[Finding]:
+    """Step names are unique and free; {{ steps.X }} names a step that runs before."""
+    stages = spec.stages
+    upstream = {name: _upstream_stages(spec, name) for name in stages}
+    where: dict[str, tuple[str, int]] = {}  # step -> (stage, group index)
+    for stage_name, stage in stages.items():
+        for group_index, group in enumerate(stage.groups):
+            for step_name, _ in group:
+                where.setdefault(step_name, (stage_name, group_index))
+    seen: set[str] = set()
+    for stage_name, stage in stages.items():
+        group_of = {n: i for i, g in enumerate(stage.groups) for n, _ in g}
+        for path, step_name, step in step_paths(stage_name, stage):
+            if step_name in RESERVED_STEP_NAMES:
+                yield (
+                    path,
+                    f"{step_name!r} is the name of a task of every stage; name the step otherwise",
+                )
+            elif step_name in seen:
+                first = where[step_name][0]
+                yield (
+                    path,
+                    (
+                        f"there is already a step {step_name!r} (stage {first!r}); step names are "
+                        "unique in a pipeline, as {{ steps.<name> }} refers to them"
+                    ),
+                )
+            seen.add(step_name)
+            for param, text in _strings(step.params):
+                for expression in JINJA_EXPRESSION.findall(text):
+                    for ref in STEP_REFERENCE.findall(expression):
+                        problem = _reference_problem(
+                            ref, step_name, stage_name, group_of[step_name], where, upstream
+                        )
+                        if problem:
+                            yield (*path, "params", *param), problem
+                    for ref in PARAM_REFERENCE.findall(expression):
+                        if ref not in spec.params:
+                            yield (
+                                (*path, "params", *param),
+                                (
+                                    f"params.{ref}: the pipeline has no param {ref!r}; "
+                                    + (
+                                        _choices(ref, list(spec.params))
+                                        if spec.params
+                                        else "declare it under params: at the top of the file"
+                                    )
+                                ),
+                            )
+
+
+def _upstream_stages(spec: PipelineSpec, name: str) -> set[str]:
+    found: set[str] = set()
+    todo = list(spec.stages[name].depends_on)
+    while todo:
+        stage = todo.pop()
+        if stage in spec.stages and stage not in found:
+            found.add(stage)
+            todo.extend(spec.stages[stage].depends_on)
+    return found
+
+
+def _reference_problem(
+    ref: str,
+    step: str,
+    stage: str,
+    group: int,
+    where: dict[str, tuple[str, int]],
+    upstream: dict[str, set[str]],
+) -> str | None:
+    if ref not in where:
+        return f"steps.{ref}: no step is called {ref!r}; {_choices(ref, list(where))}"
+    if ref == step:
+        return f"steps.{ref}: a step cannot use its own result"
+    ref_stage, ref_group = where[ref]
+    if ref_stage == stage and ref_group < group:
+        return None
+    if ref_stage != stage and ref_stage in upstream[stage]:
+        return None
+    if ref_stage == stage:
+        return (
+            f"steps.{ref}: step {ref!r} does not run before {step!r} (it comes "
+            f"{'at the same time' if ref_group == group else 'after it'} in stage {stage!r}); "
+            f"move {ref!r} above {step!r}"
+        )
+    return (
+        f"steps.{ref}: step {ref!r} is in stage {ref_stage!r}, which does not run before "
+        f"stage {stage!r}; add {ref_stage!r} to the depends_on of stage {stage!r}"
+    )
+
+
+def _strings(value: Any, path: FieldPath = ()) -> Iterator[tuple[FieldPath, str]]:
+    """Every string in a param value, with its path inside the params."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(item, (*path, key))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _strings(item, (*path, index))
+
+
+def _choices(name: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=1)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return f"there are: {', '.join(names)}" if names else "there are none"

@@ -271,8 +271,9 @@ def cmd_teardown(args: argparse.Namespace) -> int:
 
     spec = _load_one(args.file, args.profile)
     key = args.key or steps.run_key(spec.dag_id, args.run_id)
-    steps.teardown(spec, key)
-    print(f"cluster {key} ({spec.cluster.backend}) stopped")
+    steps.teardown_run(spec, key)
+    for stage, cluster in spec.cluster_specs().items():
+        print(f"cluster {steps.stage_key(key, stage)} ({cluster.backend}) stopped")
     return EXIT_OK
 
 

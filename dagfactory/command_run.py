@@ -23,7 +23,7 @@ from typing import Any
 
 from dagfactory.errors import DagfactoryError, ParamError
 from dagfactory.params import check_values, parse_text
-from dagfactory.spec import PipelineSpec, parse_duration
+from dagfactory.spec import PipelineSpec, StepSpec, parse_duration
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -85,19 +85,7 @@ def render(params: dict[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
     """The Jinja rendering Airflow does at run time, with the macros a laptop run can know."""
     import jinja2
 
-    now = datetime.now(UTC)
-    context = {
-        "ds": now.strftime("%Y-%m-%d"),
-        "ds_nodash": now.strftime("%Y%m%d"),
-        "ts": now.isoformat(),
-        "ts_nodash": now.strftime("%Y%m%dT%H%M%S"),
-        "logical_date": now,
-        "data_interval_start": now,
-        "data_interval_end": now,
-        "run_id": run_id,
-        "dag": {"dag_id": dag_id},
-        "params": params,
-    }
+    context = run_context(params, dag_id, run_id)
     env = jinja2.Environment(undefined=jinja2.StrictUndefined)
 
     def one(name: str, value: Any) -> Any:
@@ -113,6 +101,23 @@ def render(params: dict[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
         return value
 
     return {name: one(name, value) for name, value in params.items()}
+
+
+def run_context(params: dict[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
+    """What Jinja sees at run time, as far as a laptop run can know it."""
+    now = datetime.now(UTC)
+    return {
+        "ds": now.strftime("%Y-%m-%d"),
+        "ds_nodash": now.strftime("%Y%m%d"),
+        "ts": now.isoformat(),
+        "ts_nodash": now.strftime("%Y%m%dT%H%M%S"),
+        "logical_date": now,
+        "data_interval_start": now,
+        "data_interval_end": now,
+        "run_id": run_id,
+        "dag": {"dag_id": dag_id},
+        "params": params,
+    }
 
 
 @contextlib.contextmanager
@@ -179,26 +184,90 @@ def run_pipeline(spec: PipelineSpec, overrides: list[str], worktree: bool = Fals
     def step(name: str) -> None:
         term.err(f"[dagfactory] {name} ({time.monotonic() - started:.1f}s)")
 
-    handles: list[dict[str, Any]] = []
+    # Each stage's cluster key with the handles of the clusters started under it.
+    clusters: dict[str | None, list[dict[str, Any]]] = {}
     outcome: BaseException | None = None
     result: Any = None
     try:
         with stop_signals_raise():
             step("bootstrap")
             boot = _bootstrap(spec, credentials, term, worktree)
-            step(f"cluster_up (run key {key})")
-            handles.append(steps.cluster_up(spec, boot, key, credentials, term.err))
-            result = _run_with_retries(spec, boot, key, params, credentials, handles, term, step)
+            if not spec.staged:
+                handles = clusters.setdefault(None, [])
+                step(f"cluster_up (run key {key})")
+                handles.append(steps.cluster_up(spec, boot, key, credentials, term.err))
+                result = _run_with_retries(
+                    spec, boot, key, params, credentials, handles, term, step
+                )
+            else:
+                context = run_context(params, spec.dag_id, run_id)
+                result = _run_stages(spec, boot, key, context, credentials, clusters, term, step)
     except (Exception, Interrupted, KeyboardInterrupt) as exc:
         outcome = exc
     finally:
         with stop_signals_held() as noted:
-            step("teardown")
-            steps.teardown(spec, key, *handles)
+            for stage, handles in clusters.items():
+                _teardown(spec, stage, key, handles, step)
             step("done")
         if noted and outcome is None:
             outcome = Interrupted(noted[0])
     return _report(outcome, result, term)
+
+
+def _teardown(
+    spec: PipelineSpec, stage: str | None, key: str, handles: list[dict[str, Any]], step: Any
+) -> None:
+    from dagfactory import steps
+
+    if not handles:
+        return
+    step("teardown" if stage is None else f"{stage}: teardown")
+    steps.teardown(spec.for_stage(stage), steps.stage_key(key, stage), *handles)
+    handles.clear()
+
+
+def _run_stages(
+    spec: PipelineSpec,
+    boot: dict[str, Any],
+    key: str,
+    context: dict[str, Any],
+    credentials: Any,
+    clusters: dict[str | None, list[dict[str, Any]]],
+    term: Terminal,
+    step: Any,
+) -> dict[str, Any]:
+    """Every stage in order, one step at a time (a parallel group's steps one after the other
+    here); each stage's cluster is torn down as soon as its last step is done. Returns
+    {step: result}."""
+    import jinja2
+
+    from dagfactory import steps
+    from dagfactory.params import render_step_params
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    results: dict[str, Any] = {}
+    for name in spec.stage_order():
+        staged = spec.for_stage(name)
+        stage_key = steps.stage_key(key, name)
+        handles = clusters.setdefault(name, [])
+        step(f"{name}: cluster_up ({stage_key})")
+        handles.append(steps.cluster_up(staged, boot, stage_key, credentials, term.err))
+        for step_name, step_spec in spec.stages[name].all_steps:
+            params = render_step_params(step_spec.params, {**context, "steps": results}, env)
+            results[step_name] = _run_with_retries(
+                staged,
+                boot,
+                stage_key,
+                params,
+                credentials,
+                handles,
+                term,
+                step,
+                step_spec,
+                f"{name}.{step_name}",
+            )
+        _teardown(spec, name, key, handles, step)
+    return results
 
 
 def _bootstrap(spec: PipelineSpec, credentials: Any, term: Terminal, worktree: bool) -> dict:
@@ -229,25 +298,31 @@ def _run_with_retries(
     handles: list[dict[str, Any]],
     term: Terminal,
     step: Any,
+    step_spec: StepSpec | None = None,
+    task: str = "run",
 ) -> Any:
-    """The run step with Airflow's retry semantics: each try ensures its cluster first."""
+    """A run task (or a stage's step) with Airflow's retry semantics: each try ensures its
+    cluster first."""
     from dagfactory import steps
 
-    timeout = parse_duration(spec.timeout).total_seconds() if spec.timeout else None
+    limit = (step_spec.timeout if step_spec else None) or spec.timeout
+    timeout = parse_duration(limit).total_seconds() if limit else None
+    retries = step_spec.retries if step_spec and step_spec.retries is not None else spec.retries
     delay = parse_duration(spec.retry_delay).total_seconds()
-    for attempt in range(spec.retries + 1):
+    entrypoint = step_spec.entrypoint if step_spec else ""
+    for attempt in range(retries + 1):
         try:
-            step("run" if attempt == 0 else f"run, retry {attempt} of {spec.retries}")
+            step(task if attempt == 0 else f"{task}, retry {attempt} of {retries}")
             handle = steps.ensure_cluster(spec, boot, key, handles[-1], credentials, term.err)
             if handle is not handles[-1]:
                 handles.append(handle)
             with time_limit(timeout):
-                return steps.run(spec, boot, handle, params, key, credentials, term.err)
+                return steps.run(spec, boot, handle, params, key, credentials, term.err, entrypoint)
         except DagfactoryError as exc:
-            if attempt == spec.retries:
+            if attempt == retries:
                 raise
             wait = delay * (2**attempt if spec.retry_exponential_backoff else 1)
-            term.err(f"[dagfactory] run failed ({_first_line(exc)}); retrying in {wait:g}s")
+            term.err(f"[dagfactory] {task} failed ({_first_line(exc)}); retrying in {wait:g}s")
             time.sleep(wait)
     raise AssertionError("unreachable")
 

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import dacite
 import jsonschema
 
-from dagfactory.checks import FieldPath, check_data, check_spec
+from dagfactory.checks import FieldPath, check_data, check_spec, merge_mappings, stage_cluster
 from dagfactory.errors import SpecError, SpecProblem
 from dagfactory.schema import pipeline_schema
 from dagfactory.spec import PipelineSpec
@@ -349,9 +349,9 @@ class Defaults:
         files = self.chain(path, shown)
         merged: dict[str, Any] = {}
         for defaults in files:
-            merged = _merge(merged, defaults.data)
+            merged = merge_mappings(merged, defaults.data)
             if self.profile and self.profile.name in defaults.profiles:
-                merged = _merge(merged, defaults.profiles[self.profile.name])
+                merged = merge_mappings(merged, defaults.profiles[self.profile.name])
         if self.profile and not any(self.profile.name in d.profiles for d in files):
             raise SpecError([_unknown_profile(self.profile, files, shown)])
         return merged
@@ -553,7 +553,7 @@ def load_file(
     """Read, validate and type one pipeline file. Raises SpecError with every problem found."""
     path = Path(path)
     doc = read_yaml(path, shown_as)
-    data = _merge(defaults or {}, doc.data)
+    data = merge_mappings(defaults or {}, doc.data)
     from_file_name = "dag_id" not in data
     data.setdefault("dag_id", path.name.rsplit(".", 1)[0])
     data = _jsonable(data)
@@ -566,20 +566,28 @@ def load_file(
     def unflagged(field: FieldPath) -> bool:
         return not any(field[: len(bad)] == bad or bad[: len(field)] == field for bad in flagged)
 
-    problems += [_locate(doc, f, m, key=True) for f, m in check_data(data) if unflagged(f)]
+    problems += [
+        _locate(doc, written_at(data, f), m, key=True) for f, m in check_data(data) if unflagged(f)
+    ]
     try:
-        spec = dacite.from_dict(PipelineSpec, _without(data, flagged), config=_DACITE)
+        typed = with_stage_clusters(_without(data, flagged))
+        spec = dacite.from_dict(PipelineSpec, typed, config=_DACITE)
     except (dacite.DaciteError, ValueError) as exc:
         if not problems:  # the schema should have caught it
             field = tuple((getattr(exc, "field_path", None) or "").split("."))
             raise SpecError([_locate(doc, field, f"invalid value: {exc}")]) from None
     else:
         spec = dataclasses.replace(spec, origin=str(path.resolve()))
-        problems += [_locate(doc, f, m) for f, m in check_spec(spec) if unflagged(f)]
+        problems += [
+            _locate(doc, written_at(data, f), m) for f, m in check_spec(spec) if unflagged(f)
+        ]
     if from_file_name:
         problems = [_file_name_problem(p, path) if p.field == "dag_id" else p for p in problems]
     if problems:
-        raise SpecError(sorted(problems, key=lambda p: (p.line, p.column)))
+        # A rule about a cluster setting that every stage inherits is reported once, where it
+        # is written.
+        unique = dict.fromkeys(problems)
+        raise SpecError(sorted(unique, key=lambda p: (p.line, p.column)))
     return spec
 
 
@@ -614,23 +622,39 @@ def _without(data: dict[str, Any], fields: list[FieldPath]) -> dict[str, Any]:
     return data
 
 
+def with_stage_clusters(data: dict[str, Any]) -> dict[str, Any]:
+    """data with each stage's cluster merged over the pipeline's: what the stage runs on."""
+    stages = data.get("stages")
+    if not isinstance(stages, dict):
+        return data
+    top = data.get("cluster") if isinstance(data.get("cluster"), dict) else {}
+    merged = {
+        name: {**stage, "cluster": stage_cluster(top, stage.get("cluster"))}
+        if isinstance(stage, dict)
+        else stage
+        for name, stage in stages.items()
+    }
+    return {**data, "stages": merged}
+
+
+def written_at(data: dict[str, Any], field: FieldPath) -> FieldPath:
+    """Where a finding about `field` points: a stage's cluster setting that the stage does not
+    write itself comes from the pipeline's cluster, and is shown there."""
+    if len(field) < 4 or field[0] != "stages" or field[2] != "cluster":
+        return field
+    stage = (data.get("stages") or {}).get(field[1])
+    own = stage.get("cluster") if isinstance(stage, dict) else None
+    if isinstance(own, dict) and field[3] in own:
+        return field
+    return ("cluster", *field[3:])
+
+
 def _file_name_problem(problem: SpecProblem, path: Path) -> SpecProblem:
     return dataclasses.replace(
         problem,
         message=f"the DAG id comes from the file name {path.name!r}, and a DAG id may only hold "
         "letters, digits, '_', '.' and '-'; rename the file or set dag_id",
     )
-
-
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Deep merge of mappings; the override wins, lists are replaced, not concatenated."""
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def _jsonable(value: Any) -> Any:

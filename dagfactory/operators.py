@@ -12,14 +12,14 @@ from typing import Any
 
 from airflow.sdk import BaseOperator, BaseOperatorLink
 
-from dagfactory.spec import PipelineSpec
+from dagfactory.spec import PipelineSpec, StepSpec
 from dagfactory.workspace import Credentials
 
 log = logging.getLogger(__name__)
 
 
 def run_key(context: Any) -> str:
-    """Unique per DAG run; names the run's cluster so any later task can find it."""
+    """Unique per DAG run; names the run's clusters so any later task can find them."""
     from dagfactory.steps import run_key
 
     return run_key(context["dag"].dag_id, context["run_id"])
@@ -76,12 +76,43 @@ class _PipelineOperator(BaseOperator):
     ui_color = "#e8f0fe"
 
     def __init__(
-        self, *, spec: PipelineSpec, workspace: Any = None, cluster: Any = None, **kwargs: Any
+        self,
+        *,
+        spec: PipelineSpec,
+        workspace: Any = None,
+        cluster: Any = None,
+        stage: str | None = None,
+        step: StepSpec | None = None,
+        earlier: tuple[str, ...] = (),
+        results: dict[str, str] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.spec = spec
         self.workspace = workspace  # bootstrap's XCom: {"commit": sha, "pins": {...}}
         self.cluster = cluster  # cluster_up's XCom: the cluster handle
+        self.stage = stage  # None: the one cluster of a pipeline with no stages
+        self.step = step  # a stage's step (None: the pipeline's one entry point)
+        # Tasks of the stage that may have replaced its cluster before this one (steps) or
+        # at all (teardown), newest last.
+        self.earlier = earlier
+        self.results = results or {}  # step name -> task id, for {{ steps.<name> }}
+
+    def cluster_key(self, context: Any) -> str:
+        from dagfactory.steps import stage_key
+
+        return stage_key(run_key(context), self.stage)
+
+    def stage_spec(self) -> PipelineSpec:
+        return self.spec.for_stage(self.stage)
+
+    def latest_cluster(self, context: Any) -> Any:
+        """The stage's cluster as the newest task to start one left it."""
+        for task_id in reversed(self.earlier):
+            handle = context["ti"].xcom_pull(task_ids=task_id, key=REPLACEMENT_KEY)
+            if handle:
+                return handle
+        return self.cluster
 
 
 class BootstrapOperator(_PipelineOperator):
@@ -110,14 +141,16 @@ class ClusterUpOperator(_PipelineOperator):
     def execute(self, context: Any) -> dict[str, Any] | None:
         from dagfactory import steps
 
-        if self.spec.cluster.pool:
+        spec = self.stage_spec()
+        if spec.cluster.pool:
             self.log.info(
-                "pool %s: the cluster starts in the run task, which holds the pool's slot",
-                self.spec.cluster.pool,
+                "pool %s: the cluster starts in the first task that uses it, which holds the "
+                "pool's slot",
+                spec.cluster.pool,
             )
             return None
         self.cluster_handle = steps.cluster_up(
-            self.spec, self.workspace, run_key(context), _credentials(self.spec), self.log.info
+            spec, self.workspace, self.cluster_key(context), _credentials(spec), self.log.info
         )
         return self.cluster_handle
 
@@ -127,10 +160,11 @@ REPLACEMENT_KEY = "cluster"
 
 
 class RunOperator(_PipelineOperator):
-    """Call the entry point with a client of the run's cluster; its result becomes the XCom.
+    """Call an entry point with a client of its cluster; its result becomes the XCom.
 
-    A retry first ensures the cluster: a lost one is replaced under the same run key, and the
-    replacement's handle is pushed so that teardown stops it too.
+    The pipeline's one entry point (task `run`) or a step of a stage (a task named after the
+    step). It first ensures the cluster: a lost one is replaced under the same key, and the
+    replacement's handle is pushed so that the stage's later steps use it and teardown stops it.
     """
 
     template_fields = ("workspace", "cluster")
@@ -141,24 +175,51 @@ class RunOperator(_PipelineOperator):
     def execute(self, context: Any) -> Any:
         from dagfactory import steps
 
-        key = run_key(context)
-        credentials = _credentials(self.spec)
+        spec = self.stage_spec()
+        key = self.cluster_key(context)
+        credentials = _credentials(spec)
+        known = self.latest_cluster(context)
         self.cluster_handle = steps.ensure_cluster(
-            self.spec, self.workspace, key, self.cluster, credentials, self.log.info
+            spec, self.workspace, key, known, credentials, self.log.info
         )
-        if self.cluster_handle is not self.cluster:
+        if self.cluster_handle is not known:
             context["ti"].xcom_push(key=REPLACEMENT_KEY, value=self.cluster_handle)
-        # context["params"] holds trigger-time overrides; strings are Jinja-rendered here so
-        # that "{{ ds }}" in a YAML param becomes the run's date.
-        declared = {name: context["params"][name] for name in self.spec.params}
-        params = self.render_template(declared, _with_run_dates(context))
+        params = self.params_of_run(context)
         return steps.run(
-            self.spec, self.workspace, self.cluster_handle, params, key, credentials, self.log.info
+            spec,
+            self.workspace,
+            self.cluster_handle,
+            params,
+            key,
+            credentials,
+            self.log.info,
+            entrypoint=self.step.entrypoint if self.step else "",
+        )
+
+    def params_of_run(self, context: Any) -> dict[str, Any]:
+        """The keyword arguments of the entry point, rendered for this run.
+
+        context["params"] holds trigger-time overrides of the DAG's params: the pipeline's one
+        entry point gets them all; a step gets its own params, which may use them
+        ({{ params.day }}) and the results of earlier steps ({{ steps.clean.rows }}).
+        """
+        context = _with_run_dates(context)
+        if self.step is None:
+            declared = {name: context["params"][name] for name in self.spec.params}
+            return self.render_template(declared, context)
+        from dagfactory.params import render_step_params
+
+        results = {
+            name: context["ti"].xcom_pull(task_ids=task_id)
+            for name, task_id in self.results.items()
+        }
+        return render_step_params(
+            self.step.params, {**context, "steps": results}, self.get_template_env()
         )
 
 
 class TeardownOperator(_PipelineOperator):
-    """Teardown task: scale the run's cluster to zero, whatever happened before."""
+    """Teardown task: scale the cluster (the run's, or its stage's) to zero, whatever happened."""
 
     template_fields = ("cluster",)
     ui_color = "#fadbd8"
@@ -167,10 +228,10 @@ class TeardownOperator(_PipelineOperator):
         from dagfactory import steps
 
         ti = context["ti"]
-        run_task = f"{self.task_id.rsplit('.', 1)[0]}.run" if "." in self.task_id else "run"
-        replacement = ti.xcom_pull(task_ids=run_task, key=REPLACEMENT_KEY)
-        steps.teardown(self.spec, run_key(context), self.cluster, replacement)
-        self.log.info("cluster %s stopped", run_key(context))
+        replacements = [ti.xcom_pull(task_ids=t, key=REPLACEMENT_KEY) for t in self.earlier]
+        key = self.cluster_key(context)
+        steps.teardown(self.stage_spec(), key, self.cluster, *replacements)
+        self.log.info("cluster %s stopped", key)
 
 
 def release_cluster(spec: PipelineSpec, context: Any) -> None:
@@ -184,11 +245,11 @@ def release_cluster(spec: PipelineSpec, context: Any) -> None:
 
     key = run_key(context)
     try:
-        steps.teardown(spec, key)
+        steps.teardown_run(spec, key)
     except Exception:  # a callback that raises is only logged; say what it could not do
-        log.exception("could not stop the cluster of %s", key)
+        log.exception("could not stop the clusters of %s", key)
         raise
-    log.info("cluster %s stopped by the DAG's failure callback", key)
+    log.info("clusters of %s stopped by the DAG's failure callback", key)
 
 
 class InvalidSpecOperator(BaseOperator):

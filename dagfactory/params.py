@@ -211,3 +211,44 @@ def schema_problems(name: str, spec: ParamSpec) -> list[tuple[str, str]]:
             hint = " (add 'null' to type to allow no value)" if spec.default is None else ""
             problems.append(("default", f"the default {_describe_error(error)}{hint}"))
     return problems
+
+
+_ONE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expression>(?:(?!\{\{|\}\}).)*)\}\}\s*$", re.DOTALL)
+
+
+def render_step_params(params: dict[str, Any], context: Mapping[str, Any], env: Any) -> Any:
+    """A step's params rendered with Jinja `env` over `context` (which holds `steps`).
+
+    A string that is exactly one {{ expression }} becomes the expression's value when that is
+    JSON (`{{ steps.count.rows }}` stays a number, a list stays a list); any other string
+    is rendered as text, as Airflow renders templates.
+    """
+
+    def one(name: str, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: one(name, v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [one(name, v) for v in value]
+        if not isinstance(value, str) or "{" not in value:
+            return value
+        try:
+            whole = _ONE_EXPRESSION.match(value)
+            if whole:
+                result = env.compile_expression(whole["expression"], undefined_to_none=False)(
+                    **context
+                )
+                if _is_json(result) and not _is_undefined(result):
+                    return result
+            return env.from_string(value).render(**context)
+        except Exception as exc:  # Jinja's errors, and what the expression itself raises
+            raise ParamError(
+                f"param {name!r}: cannot render {value!r}: {type(exc).__name__}: {exc}"
+            ) from None
+
+    return {name: one(name, value) for name, value in params.items()}
+
+
+def _is_undefined(value: Any) -> bool:
+    import jinja2
+
+    return isinstance(value, jinja2.Undefined)

@@ -31,6 +31,7 @@ from dagfactory.spec import (
     ENTRYPOINT_PATTERN,
     IDENTIFIER_PATTERN,
     SIZE_PATTERN,
+    AdaptiveSpec,
     AssetCondition,
     ClusterSpec,
     Keywords,
@@ -38,13 +39,18 @@ from dagfactory.spec import (
     PipelineSpec,
     ScheduleSpec,
     SourceSpec,
+    StageSpec,
+    StepSpec,
 )
 
 SCHEMA_ID = "https://dagfactory.dev/schemas/pipeline.schema.json"
 SCHEMA_FILE = "pipeline.schema.json"
 _DEFS = {
     SourceSpec: "source",
+    StageSpec: "stage",
+    StepSpec: "step",
     ClusterSpec: "cluster",
+    AdaptiveSpec: "adaptive",
     ParamSpec: "param",
     ScheduleSpec: "schedule",
     AssetCondition: "asset_condition",

@@ -7,7 +7,7 @@ Schema keywords a field needs beyond its type live in the field's metadata.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from typing import Annotated, Any, ClassVar
 
@@ -141,6 +141,27 @@ class ParamSpec:
 
 
 @dataclass(frozen=True)
+class AdaptiveSpec:
+    """Dask adaptive scaling: the cluster grows and shrinks with its work, between bounds."""
+
+    maximum: int = doc(
+        "Most workers: the cluster never grows above this, however much work waits.",
+        _REQUIRED,
+        minimum=1,
+        maximum=1000,
+        examples=[8],
+    )
+
+    minimum: int = doc(
+        "Fewest workers: the cluster never shrinks below this, even with no work.",
+        0,
+        minimum=0,
+        maximum=1000,
+        examples=[1],
+    )
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
     """The Dask cluster the entry point gets a client for."""
 
@@ -155,7 +176,21 @@ class ClusterSpec:
         # A closed list lets the editor flag a typo; validation checks the installed backends.
         editor={"enum": ["local", "existing", "fargate"]},
     )
-    workers: int = doc("Number of Dask workers.", 2, minimum=1, maximum=1000, examples=[4])
+    workers: int = doc(
+        "Number of Dask workers (with adaptive: how many it starts with).",
+        2,
+        minimum=1,
+        maximum=1000,
+        examples=[4],
+    )
+    adaptive: AdaptiveSpec | None = doc(
+        "Let Dask scale the workers between minimum and maximum with the work waiting "
+        "(Dask's adaptive deployments): more workers while a step has more tasks than threads, "
+        "fewer when they idle. The cluster starts with 'workers' (kept within the bounds). "
+        "The local backend only, for now.",
+        None,
+        examples=[{"minimum": 1, "maximum": 8}],
+    )
     cpu: int = doc(
         "Threads (local) or vCPUs (cloud) per worker.", 1, minimum=1, maximum=64, examples=[2]
     )
@@ -305,6 +340,13 @@ class ClusterSpec:
         examples=["5m", "30m"],
     )
 
+    @property
+    def start_workers(self) -> int:
+        """How many workers the cluster starts with: 'workers', within the adaptive bounds."""
+        if self.adaptive is None:
+            return self.workers
+        return max(1, min(max(self.workers, self.adaptive.minimum), self.adaptive.maximum))
+
 
 @dataclass(frozen=True)
 class AssetCondition:
@@ -362,16 +404,171 @@ class ScheduleSpec:
         return AssetCondition(all=self.assets)
 
 
-@dataclass(frozen=True)
-class PipelineSpec:
-    """One pipeline file: a DAG that runs a git entry point on a Dask cluster."""
+STEP_REFERENCE = re.compile(r"\bsteps\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)")
+"""`steps.<name>` inside a param's {{ ... }}: a step's result, which must be ready before."""
+PARAM_REFERENCE = re.compile(r"\bparams\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)")
+JINJA_EXPRESSION = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
+RESERVED_STAGE_NAMES = ("bootstrap",)
+RESERVED_STEP_NAMES = ("cluster_up", "teardown", "parallel")
 
-    source: SourceSpec = doc("Where the pipeline's code comes from.", _REQUIRED)
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One call of an entry point on its stage's cluster: an Airflow task of its own."""
+
     entrypoint: str = doc(
         "The function to call, as module:function; it is called as function(client, **params).",
         _REQUIRED,
         pattern=ENTRYPOINT_PATTERN,
+        examples=["jobs.extract:main"],
+    )
+    params: dict[str, Any] = doc(
+        "Keyword arguments of this step's entry point. Strings are rendered with Airflow's "
+        "Jinja at run time: {{ ds }}, the pipeline's params ({{ params.day }}) and the results "
+        "of steps that run before this one ({{ steps.clean.rows }}: the 'rows' of the JSON "
+        "step 'clean' returned). A value that is exactly one {{ ... }} keeps its type (a "
+        "number stays a number).",
+        dict,
+        examples=[{"day": "{{ ds }}", "rows": "{{ steps.clean.rows }}"}],
+        propertyNames={"pattern": IDENTIFIER_PATTERN},
+    )
+    outlets: tuple[AssetUri, ...] = doc(
+        "Assets (URIs) this step updates: an Airflow asset event for each when the step "
+        "succeeds, which starts the pipelines whose schedule names it.",
+        tuple,
+        examples=[["s3://acme/sales/clean"]],
+    )
+    timeout: str | None = doc(
+        "Execution timeout of this step's task. Default: the pipeline's timeout.",
+        None,
+        pattern=DURATION_PATTERN,
+        examples=["30m"],
+    )
+    retries: int | None = doc(
+        "Retries of this step's task. Default: the pipeline's retries. A retry finds its "
+        "stage's cluster again, or starts a new one when it was lost.",
+        None,
+        minimum=0,
+        maximum=100,
+        examples=[0, 3],
+    )
+
+
+StepGroup = dict[str, StepSpec | tuple[dict[str, StepSpec], ...]]
+"""An item of a stage's steps: {name: step}, or {parallel: [{name: step}, ...]}."""
+
+_STEP_ITEM_SCHEMA = {
+    "type": "object",
+    "minProperties": 1,
+    "maxProperties": 1,
+    "propertyNames": {"pattern": IDENTIFIER_PATTERN},
+    "properties": {
+        "parallel": {
+            "description": "Steps that run at the same time on the stage's cluster (each its "
+            "own task), after the steps above and before the steps below.",
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "minProperties": 1,
+                "maxProperties": 1,
+                "propertyNames": {"pattern": IDENTIFIER_PATTERN},
+                "additionalProperties": {"$ref": "#/$defs/step"},
+            },
+        }
+    },
+    "additionalProperties": {"$ref": "#/$defs/step"},
+}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Steps that run in order on one Dask cluster, started for the stage and stopped as soon
+    as its last step is done."""
+
+    steps: tuple[StepGroup, ...] = doc(
+        "The stage's steps, in order: each item is {name: {entrypoint: ..., params: ...}}, or "
+        "{parallel: [{name: ...}, {name: ...}]} for steps that run at the same time. Every step "
+        "uses the stage's cluster.",
+        _REQUIRED,
+        minItems=1,
+        items=_STEP_ITEM_SCHEMA,
+        examples=[[{"extract": {"entrypoint": "jobs.extract:main"}}]],
+    )
+    cluster: ClusterSpec = doc(
+        "This stage's cluster, merged key by key over the pipeline's cluster: write only what "
+        "differs. A stage that changes the backend keeps none of the other backend's settings.",
+        ClusterSpec,
+        examples=[{"workers": 8, "memory": "16GiB"}],
+    )
+    depends_on: tuple[str, ...] = doc(
+        "Stages whose steps must all have succeeded before this stage's first step starts.",
+        tuple,
+        items={"type": "string", "pattern": IDENTIFIER_PATTERN, "examples": ["prepare"]},
+        examples=[["prepare"]],
+    )
+    prewarm: bool = doc(
+        "Start this stage's cluster while the last step of the stages it depends on runs, "
+        "so that its first step does not wait for a cluster to start.",
+        False,
+    )
+    queue: str | None = doc(
+        "Celery queue of this stage's cluster_up and steps. Default: the pipeline's queue.",
+        None,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        examples=["big"],
+    )
+
+    @property
+    def groups(self) -> tuple[tuple[tuple[str, StepSpec], ...], ...]:
+        """The steps as groups that run one after the other; the steps of a group run at once."""
+        groups = []
+        for item in self.steps:
+            ((name, value),) = item.items()
+            if name == "parallel" and isinstance(value, tuple):
+                groups.append(tuple(next(iter(s.items())) for s in value))
+            else:
+                groups.append(((name, value),))
+        return tuple(groups)
+
+    @property
+    def all_steps(self) -> tuple[tuple[str, StepSpec], ...]:
+        """Every (name, step) of the stage, in order."""
+        return tuple(step for group in self.groups for step in group)
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """One pipeline file: a DAG that runs a git entry point on a Dask cluster."""
+
+    # An entrypoint or stages, not both (`dagfactory validate` says so in words).
+    SCHEMA: ClassVar[dict[str, Any]] = {
+        "editor": {"oneOf": [{"required": ["entrypoint"]}, {"required": ["stages"]}]}
+    }
+
+    source: SourceSpec = doc("Where the pipeline's code comes from.", _REQUIRED)
+    entrypoint: str = doc(
+        "The function to call, as module:function; it is called as function(client, **params). "
+        "A pipeline has an entrypoint (one step on one cluster) or stages, not both.",
+        "",
+        pattern=ENTRYPOINT_PATTERN,
         examples=["wordcount.job:main"],
+    )
+    stages: dict[str, StageSpec] = doc(
+        "Stages, each with its own cluster and steps, instead of one entrypoint: "
+        "{prepare: {cluster: {...}, steps: [...]}, model: {depends_on: [prepare], ...}}. "
+        "Stages with no depends_on between them run at the same time.",
+        dict,
+        propertyNames={"pattern": IDENTIFIER_PATTERN},
+        examples=[
+            {
+                "prepare": {"steps": [{"extract": {"entrypoint": "jobs.extract:main"}}]},
+                "model": {
+                    "depends_on": ["prepare"],
+                    "steps": [{"train": {"entrypoint": "jobs.train:main"}}],
+                },
+            }
+        ],
     )
     dag_id: str = doc(
         "Airflow DAG id: letters, digits, '_', '.' and '-'. Default: the file name without "
@@ -462,6 +659,45 @@ class PipelineSpec:
     cluster: ClusterSpec = doc("The Dask cluster.", ClusterSpec)
     origin: str = field(default="", metadata={"internal": True})
     """The YAML file this spec was read from (set by the loader, not by the user)."""
+
+    @property
+    def staged(self) -> bool:
+        """Written with stages (else: one entry point, one cluster)."""
+        return bool(self.stages)
+
+    @property
+    def entrypoints(self) -> tuple[str, ...]:
+        """Every entry point the pipeline calls, each once, in the order written."""
+        if not self.staged:
+            return (self.entrypoint,)
+        found = [step.entrypoint for stage in self.stages.values() for _, step in stage.all_steps]
+        return tuple(dict.fromkeys(found))
+
+    def for_stage(self, stage: str | None) -> PipelineSpec:
+        """The spec as a stage's tasks see it: the stage's cluster and queue (None: as is)."""
+        if stage is None:
+            return self
+        own = self.stages[stage]
+        return replace(self, cluster=own.cluster, queue=own.queue or self.queue)
+
+    def stage_order(self) -> list[str]:
+        """Stage names with every stage after the stages it depends on (validation has ruled
+        out cycles), otherwise in the order written."""
+        done: list[str] = []
+        pending = list(self.stages)
+        while pending:
+            ready = [n for n in pending if set(self.stages[n].depends_on) <= set(done)]
+            if not ready:
+                raise ValueError(f"stages depend on each other in a cycle: {pending}")
+            done.append(ready[0])
+            pending.remove(ready[0])
+        return done
+
+    def cluster_specs(self) -> dict[str | None, ClusterSpec]:
+        """The cluster of each stage (key None: the one cluster of a pipeline with no stages)."""
+        if not self.staged:
+            return {None: self.cluster}
+        return {name: stage.cluster for name, stage in self.stages.items()}
 
     @property
     def param_specs(self) -> dict[str, ParamSpec]:

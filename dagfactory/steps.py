@@ -8,10 +8,11 @@ each step may run on another host.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from dagfactory.backends import ClusterContext, ClusterHandle, get_backend
@@ -29,6 +30,11 @@ def run_key(dag_id: str, run_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{dag_id}__{run_id}")
 
 
+def stage_key(run_key: str, stage: str | None) -> str:
+    """The key of a stage's cluster in a run (a pipeline with no stages: the run's key)."""
+    return run_key if stage is None else f"{run_key}__{stage}"
+
+
 def bootstrap(
     spec: PipelineSpec, credentials: Credentials | None = None, output: Output = log.info
 ) -> dict[str, Any]:
@@ -41,8 +47,9 @@ def bootstrap(
         output(f"pinned to the cluster's versions: {pins}")
     workspace = prepare(spec, commit, credentials, output, pins=pins)
     output(f"code in {workspace.code_dir}, python {workspace.python}")
-    check_entrypoint(workspace, spec.entrypoint)
-    output(f"{spec.entrypoint} imports")
+    for entrypoint in spec.entrypoints:
+        check_entrypoint(workspace, entrypoint)
+        output(f"{entrypoint} imports")
     return {"commit": commit, "pins": pins}
 
 
@@ -53,7 +60,8 @@ def bootstrap_worktree(spec: PipelineSpec, output: Output = log.info) -> dict[st
     pins = _pins(spec)
     workspace = prepare_worktree(spec, output, pins=pins)
     output(f"running the working tree {workspace.code_dir} as it is ({workspace.commit})")
-    check_entrypoint(workspace, spec.entrypoint)
+    for entrypoint in spec.entrypoints:
+        check_entrypoint(workspace, entrypoint)
     return {"commit": workspace.commit, "pins": pins, "worktree": True}
 
 
@@ -65,9 +73,19 @@ def local_changes(spec: PipelineSpec) -> list[str]:
 
 
 def _pins(spec: PipelineSpec) -> dict[str, str]:
-    """Versions the virtualenv must have to talk to the cluster (an existing one's, say)."""
-    pins = getattr(get_backend(spec.cluster.backend), "pins", None)
-    return pins(spec.cluster) if pins else {}
+    """Versions the virtualenv must have to talk to the clusters (an existing one's, say)."""
+    found: dict[str, str] = {}
+    for stage, cluster in spec.cluster_specs().items():
+        pins = getattr(get_backend(cluster.backend), "pins", None)
+        for name, version in (pins(cluster) if pins else {}).items():
+            if found.setdefault(name, version) != version:
+                from dagfactory.errors import ClusterError
+
+                raise ClusterError(
+                    f"stage {stage!r} needs {name}=={version} and another stage "
+                    f"{name}=={found[name]}: one virtualenv runs every step; align the clusters"
+                )
+    return found
 
 
 def _workspace(
@@ -124,6 +142,42 @@ def ensure_cluster(
     backend = get_backend(spec.cluster.backend)
     if handle is not None and backend.alive(ClusterHandle.from_json(handle)):
         return handle
+    with cluster_lock(key):
+        # Steps of a stage that run at the same time may all find the cluster lost: the first
+        # one starts the new cluster, the others find it here.
+        find = getattr(backend, "find", None)
+        found = find(key) if find else None
+        if found is not None and found.to_json() != handle:
+            output(f"using the cluster {found.scheduler_address} another step started under {key}")
+            return found.to_json()
+        return _replace_cluster(spec, boot, key, handle, credentials, output)
+
+
+@contextlib.contextmanager
+def cluster_lock(key: str) -> Iterator[None]:
+    """One task at a time starts the cluster of a key, among the tasks of this host."""
+    import fcntl
+
+    from dagfactory.workspace import dagfactory_home
+
+    folder = dagfactory_home() / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _replace_cluster(
+    spec: PipelineSpec,
+    boot: dict[str, Any],
+    key: str,
+    handle: dict[str, Any] | None,
+    credentials: Credentials | None,
+    output: Output,
+) -> dict[str, Any]:
     lost = ""
     if handle:
         host = handle.get("details", {}).get("host")
@@ -144,11 +198,14 @@ def run(
     key: str,
     credentials: Credentials | None = None,
     output: Output = print,
+    entrypoint: str = "",
 ) -> Any:
-    """Call the entry point with a client of the run's cluster; returns its JSON result."""
+    """Call the entry point (a step's, else the pipeline's) with a client of the cluster;
+    returns its JSON result."""
+    entrypoint = entrypoint or spec.entrypoint
     workspace = _workspace(spec, boot, credentials, output)
     cluster = ClusterHandle.from_json(handle)
-    output(f"calling {spec.entrypoint}(client, **{params!r}) at commit {boot['commit'][:12]}")
+    output(f"calling {entrypoint}(client, **{params!r}) at commit {boot['commit'][:12]}")
     # A third of the cluster's idle timeout: the entry point keeps its own cluster busy.
     keepalive = cluster.details.get("idle_timeout", 0) / 3
     backend = get_backend(cluster.backend)
@@ -157,7 +214,7 @@ def run(
     client_env = getattr(backend, "client_env", None)
     return run_entrypoint(
         workspace,
-        spec.entrypoint,
+        entrypoint,
         params,
         cluster.scheduler_address,
         output,
@@ -168,8 +225,29 @@ def run(
 
 
 def teardown(spec: PipelineSpec, key: str, *handles: dict[str, Any] | None) -> None:
-    """Stop the run's cluster(s). Idempotent; works from the key alone when no handle is left."""
+    """Stop the cluster(s) of a key. Idempotent; works from the key alone when no handle is
+    left. `spec` is as the stage sees it (`PipelineSpec.for_stage`)."""
     backend = get_backend(spec.cluster.backend)
-    known = [ClusterHandle.from_json(h) for h in handles if h]
+    known = [ClusterHandle.from_json(h) for h in dict.fromkeys(map(_frozen, handles)) if h]
     for handle in known or [ClusterHandle(spec.cluster.backend, key, "")]:
         backend.down(handle, spec.cluster)
+
+
+def teardown_run(spec: PipelineSpec, run_key: str) -> None:
+    """Stop every cluster of a run (each stage's), from the run's key alone."""
+    failures = []
+    for stage in spec.cluster_specs():
+        try:
+            teardown(spec.for_stage(stage), stage_key(run_key, stage))
+        except Exception as exc:  # one stage's failure must not keep the others running
+            log.exception("could not stop the cluster of stage %s", stage)
+            failures.append(exc)
+    if failures:
+        raise failures[0]
+
+
+def _frozen(handle: dict[str, Any] | None) -> Any:
+    """A handle as a hashable value, so the same cluster is stopped once (JSON round trip)."""
+    import json
+
+    return json.dumps(handle, sort_keys=True) if handle else None
