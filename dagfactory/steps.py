@@ -117,6 +117,8 @@ def cluster_up(
     backend = get_backend(spec.cluster.backend)
     handle = backend.up(spec.cluster, context)
     output(f"Dask scheduler at {handle.scheduler_address}")
+    if adaptive := handle.details.get("adaptive"):
+        output(f"adaptive: {adaptive['minimum']} to {adaptive['maximum']} workers")
     describe = getattr(backend, "describe", None)
     if describe:  # where the dashboard and the logs are, in the backend's words
         for line in describe(handle):

@@ -1,17 +1,19 @@
 """Real Dask scheduler and worker processes on loopback."""
 
+import contextlib
 import json
 import os
 import signal
 import time
 import urllib.request
 
+import psutil
 import pytest
 
 from dagfactory.backends import ClusterContext, ClusterHandle, backend_names, get_backend
 from dagfactory.backends.local import cluster_dir, processes_of
 from dagfactory.errors import ClusterError
-from dagfactory.spec import ClusterSpec
+from dagfactory.spec import AdaptiveSpec, ClusterSpec
 from dagfactory.workspace import virtualenv
 from tests.conftest import cluster_processes
 
@@ -172,3 +174,105 @@ def test_teardown_never_stops_another_scheduler_that_answers_at_the_handles_addr
     finally:
         backend.down(handle)
     assert cluster_processes("t_owner") == []
+
+
+def _worker_commands(key: str) -> list:
+    """The `dask worker` command processes of the cluster (each holds a nanny and its worker)."""
+    return [p for p in cluster_processes(key) if "distributed.cli.dask_worker" in p.cmdline()]
+
+
+def _zombies(parent: psutil.Process) -> list:
+    """The parent's children that exited and that it has not reaped."""
+    found = []
+    for child in parent.children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if child.status() == psutil.STATUS_ZOMBIE:
+                found.append(child)
+    return found
+
+
+def _until(condition, timeout: float = 60, every: float = 0.2):
+    """Poll `condition` until it holds (generous deadline: the machine is shared)."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()) and time.monotonic() < deadline:
+        time.sleep(every)
+    return result
+
+
+def test_adaptive_grows_with_the_work_within_maximum_and_shrinks_back(python, tmp_path):
+    from distributed import Client
+
+    backend = get_backend("local")
+    spec = ClusterSpec(workers=1, memory="512MiB", adaptive=AdaptiveSpec(minimum=1, maximum=3))
+    handle = backend.up(spec, ClusterContext("t_adaptive", python, str(tmp_path)))
+    try:
+        assert handle.details["adaptive"] == {"minimum": 1, "maximum": 3}
+        assert _workers(handle) == 1
+        seen = []
+        with Client(handle.scheduler_address, timeout=30) as client:
+            futures = client.map(time.sleep, [0.5] * 40, pure=False)
+            while not all(f.done() for f in futures):
+                seen.append(_workers(handle))
+                time.sleep(0.1)
+            assert client.gather(futures) == [None] * 40
+        assert max(seen) > 1, seen
+        assert max(seen) <= 3, seen
+        # Idle again: back to the minimum, the retired workers' processes ended and reaped.
+        assert _until(lambda: _workers(handle) == 1 and len(_worker_commands("t_adaptive")) == 1)
+        scheduler = psutil.Process(handle.details["pids"][0])
+        assert _until(lambda: not _zombies(scheduler))
+        logs = {p.name for p in cluster_dir("t_adaptive").glob("adaptive-*.log")}
+        assert len(logs) >= 1  # the workers the scheduler started log to the cluster's folder
+    finally:
+        backend.down(handle)
+    assert cluster_processes("t_adaptive") == []
+
+
+def test_adaptive_minimum_zero_idles_with_no_worker_is_alive_and_starts_one_for_work(
+    python, tmp_path
+):
+    from distributed import Client
+
+    backend = get_backend("local")
+    spec = ClusterSpec(workers=1, adaptive=AdaptiveSpec(minimum=0, maximum=2))
+    handle = backend.up(spec, ClusterContext("t_adaptive0", python, str(tmp_path)))
+    try:
+        assert _until(lambda: _workers(handle) == 0)
+        assert backend.alive(handle)
+        fixed = {k: v for k, v in handle.details.items() if k != "adaptive"}
+        assert not backend.alive(ClusterHandle(**{**handle.to_json(), "details": fixed}))
+        with Client(handle.scheduler_address, timeout=30) as client:
+            # work arrives: the scheduler starts a worker for it
+            assert client.submit(sum, [1, 2]).result(timeout=60) == 3
+    finally:
+        backend.down(handle)
+    assert cluster_processes("t_adaptive0") == []
+
+
+def test_adaptive_workers_end_when_their_scheduler_is_killed(python, tmp_path, monkeypatch):
+    from distributed import Client, fire_and_forget
+
+    from dagfactory.backends import local
+
+    monkeypatch.setattr(local, "DEATH_TIMEOUT", 5)  # the spawned workers get it too
+    backend = get_backend("local")
+    spec = ClusterSpec(workers=1, adaptive=AdaptiveSpec(minimum=1, maximum=2))
+    handle = backend.up(spec, ClusterContext("t_adaptive_kill", python, str(tmp_path)))
+    try:
+        pid = handle.details["pids"][1]
+        first = psutil.Process(pid).cmdline()
+        with Client(handle.scheduler_address, timeout=30) as client:
+            fire_and_forget(client.map(time.sleep, [0.5] * 30, pure=False))
+        assert _until(lambda: _workers(handle) == 2)
+        (spawned,) = [p.cmdline() for p in _worker_commands("t_adaptive_kill") if p.pid != pid]
+        # one worker each, named, with the options of the first workers (death timeout included)
+        nworkers = first.index("--nworkers")
+        assert spawned == [*first[:nworkers], *first[nworkers + 2 :], "--name", "adaptive-1"]
+        assert first[first.index("--death-timeout") + 1] == "5"
+        os.kill(handle.details["pids"][0], signal.SIGKILL)
+        # no scheduler to close them: every worker gives up after its death timeout
+        assert _until(lambda: cluster_processes("t_adaptive_kill") == [])
+    finally:
+        backend.down(handle)
+    assert cluster_processes("t_adaptive_kill") == []
+    assert not cluster_dir("t_adaptive_kill").exists()

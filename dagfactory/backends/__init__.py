@@ -118,6 +118,34 @@ def shut_down_scheduler(
         return False
 
 
+def scheduler_identity(
+    address: str, timeout: float = 5.0, connection_args: Any = None
+) -> dict[str, Any]:
+    """The scheduler's identity (id, workers, ...) through Dask's own protocol; {} when no
+    scheduler answers there.
+
+    Not the dashboard's /json/identity.json: once a task has run, the identity holds
+    tuple-keyed metrics that JSON cannot encode, and that page answers 500 from then on.
+    """
+    import asyncio
+
+    async def ask() -> Any:
+        from distributed.comm import connect
+
+        comm = await connect(address, timeout=timeout, **(connection_args or {}))
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            await comm.close()
+
+    try:
+        identity = asyncio.run(asyncio.wait_for(ask(), timeout))
+    except Exception:
+        return {}
+    return identity if isinstance(identity, dict) else {}
+
+
 def scheduler_answers(address: str, timeout: float = 5.0) -> bool:
     """A TCP connection to the scheduler's address opens: it is there (or its host is)."""
     url = urlsplit(address)

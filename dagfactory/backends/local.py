@@ -25,7 +25,12 @@ from pathlib import Path
 
 import psutil
 
-from dagfactory.backends import ClusterContext, ClusterHandle, shut_down_scheduler
+from dagfactory.backends import (
+    ClusterContext,
+    ClusterHandle,
+    scheduler_identity,
+    shut_down_scheduler,
+)
 from dagfactory.errors import ClusterError
 from dagfactory.spec import ClusterSpec, parse_duration, parse_size
 from dagfactory.workspace import dagfactory_home
@@ -34,6 +39,8 @@ log = logging.getLogger(__name__)
 
 PRELOAD = Path(__file__).with_name("worker_preload.py")
 HEALTH_VARIABLE = "DAGFACTORY_SCHEDULER_HEALTH"  # read by worker_preload.py
+ADAPTIVE_PRELOAD = Path(__file__).with_name("adaptive.py")
+ADAPTIVE_VARIABLE = "DAGFACTORY_ADAPTIVE"  # read by adaptive.py
 
 KEY_VARIABLE = "DAGFACTORY_CLUSTER_KEY"
 START_TIMEOUT = 120.0
@@ -148,15 +155,6 @@ def listen_address(listen: str) -> str:
     return address
 
 
-def _identity(dashboard: str) -> dict:
-    """The scheduler's identity, from its dashboard (`/json/identity.json`); {} if none."""
-    try:
-        with urllib.request.urlopen(f"{dashboard}/json/identity.json", timeout=5) as response:
-            return json.load(response)
-    except (OSError, ValueError):
-        return {}
-
-
 class LocalBackend:
     def up(self, spec: ClusterSpec, context: ClusterContext) -> ClusterHandle:
         if not context.python:
@@ -192,6 +190,15 @@ class LocalBackend:
         # the nanny's own threads.
         env.setdefault("DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD", "forkserver")
         idle = int(parse_duration(spec.idle_timeout).total_seconds())
+        worker = [context.python, "-m", "distributed.cli.dask_worker", address, "--host", host]
+        worker_options = [
+            "--nthreads", str(spec.cpu),
+            "--memory-limit", str(parse_size(spec.memory)),
+            "--death-timeout", str(DEATH_TIMEOUT),
+            "--local-directory", str(state / "work"),
+            "--no-dashboard",
+            "--preload", str(PRELOAD),
+        ]  # fmt: skip
         commands = {
             "scheduler": [
                 context.python, "-m", "distributed.cli.dask_scheduler",
@@ -199,18 +206,21 @@ class LocalBackend:
                 "--dashboard-address", f"{host}:{dashboard_port}",
                 "--idle-timeout", f"{idle}s",
             ],
-            "workers": [
-                context.python, "-m", "distributed.cli.dask_worker", address,
-                "--host", host,
-                "--nworkers", str(spec.workers),
-                "--nthreads", str(spec.cpu),
-                "--memory-limit", str(parse_size(spec.memory)),
-                "--death-timeout", str(DEATH_TIMEOUT),
-                "--local-directory", str(state / "work"),
-                "--no-dashboard",
-                "--preload", str(PRELOAD),
-            ],
+            "workers": [*worker, "--nworkers", str(spec.start_workers), *worker_options],
         }  # fmt: skip
+        envs = {name: env for name in commands}
+        if spec.adaptive:
+            # The scheduler starts and stops the workers past the first ones itself
+            # (adaptive.py says why), with the same options as these.
+            commands["scheduler"] += ["--preload", str(ADAPTIVE_PRELOAD)]
+            adaptive = {
+                "minimum": spec.adaptive.minimum,
+                "maximum": spec.adaptive.maximum,
+                "start_workers": spec.start_workers,
+                "worker_command": [*worker, *worker_options],
+                "log_dir": str(state),
+            }
+            envs["scheduler"] = {**env, ADAPTIVE_VARIABLE: json.dumps(adaptive)}
         try:
             procs = {}
             for name, cmd in commands.items():
@@ -221,26 +231,32 @@ class LocalBackend:
                         stdout=out,
                         stderr=subprocess.STDOUT,
                         cwd=context.code_dir or state,
-                        env=env,
+                        env=envs[name],
                         start_new_session=True,
                     )
             self._wait(spec, state, procs, f"{dashboard}/json/counts.json")
-            scheduler_id = _identity(dashboard).get("id", "")
+            scheduler_id = scheduler_identity(address).get("id", "")
         except BaseException:
             self.down(ClusterHandle("local", context.key, ""))
             raise
+        details = {
+            "host": socket.gethostname(),
+            "scheduler_id": scheduler_id,
+            "pids": [p.pid for p in procs.values()],
+            "state_dir": str(state),
+            "idle_timeout": idle,
+        }
+        if spec.adaptive:
+            details["adaptive"] = {
+                "minimum": spec.adaptive.minimum,
+                "maximum": spec.adaptive.maximum,
+            }
         handle = ClusterHandle(
             backend="local",
             key=context.key,
             scheduler_address=address,
             dashboard_link=f"{dashboard}/status",
-            details={
-                "host": socket.gethostname(),
-                "scheduler_id": scheduler_id,
-                "pids": [p.pid for p in procs.values()],
-                "state_dir": str(state),
-                "idle_timeout": idle,
-            },
+            details=details,
         )
         (state / "handle.json").write_text(json.dumps(handle.to_json()))
         return handle
@@ -266,28 +282,35 @@ class LocalBackend:
                     workers = json.load(response)["workers"]
             except (OSError, ValueError, KeyError):
                 workers = -1
-            if workers >= spec.workers:
+            if workers >= spec.start_workers:
                 return
             time.sleep(0.05)
         raise ClusterError(
-            f"the local Dask cluster did not get {spec.workers} workers within "
+            f"the local Dask cluster did not get {spec.start_workers} workers within "
             f"{START_TIMEOUT:.0f}s (has {max(workers, 0)}):\n{_log_tail(state / 'workers.log')}"
         )
 
     def alive(self, handle: ClusterHandle) -> bool:
-        """The scheduler answers on its dashboard, is the one the handle names (a loopback
-        address reaches another host's scheduler from here), and has a worker."""
-        if not handle.dashboard_link:
+        """The scheduler answers, is the one the handle names (a loopback address reaches
+        another host's scheduler from here), and has a worker, unless it scales adaptively
+        down to none: then it starts one for the next task itself."""
+        if not handle.scheduler_address:
             return False
-        dashboard = handle.dashboard_link.rsplit("/", 1)[0]
+        identity = scheduler_identity(handle.scheduler_address)
         expected = handle.details.get("scheduler_id")
-        if expected and _identity(dashboard).get("id") != expected:
+        if not identity or (expected and identity.get("id") != expected):
             return False
-        try:
-            with urllib.request.urlopen(f"{dashboard}/json/counts.json", timeout=5) as response:
-                return json.load(response)["workers"] > 0
-        except (OSError, ValueError, KeyError):
-            return False
+        adaptive = handle.details.get("adaptive") or {}
+        return len(identity.get("workers") or {}) > 0 or adaptive.get("minimum") == 0
+
+    def find(self, key: str) -> ClusterHandle | None:
+        """The live cluster this host started under `key`, if any (a step that ran at the
+        same time may have started it)."""
+        recorded = _recorded(key)
+        if not recorded:
+            return None
+        handle = ClusterHandle.from_json(recorded)
+        return handle if self.alive(handle) else None
 
     def down(self, handle: ClusterHandle, spec: ClusterSpec | None = None) -> None:
         """Dask's shutdown first (it reaches the cluster from any host that reaches its
