@@ -301,3 +301,47 @@ def test_the_schema_setting_works_without_the_modeline(workspace):
         assert [line for line, _ in _messages(ls.diagnostics(uri))] == [5]
     finally:
         ls.close()
+
+
+STAGES = SCHEMA_LINE + (
+    "source:\n"
+    "  git: https://github.com/acme/pipelines.git\n"
+    "stages:\n"
+    "  prepare:\n"
+    "    cluster: {workers: 4, adaptive: {minimum: 1, maximum: 8}}\n"
+    "    steps:\n"
+    "      - extract: {entrypoint: jobs.extract:main}\n"
+    "      - parallel:\n"
+    "          - clean: {entrypoint: jobs.clean:main, params: {rows: '{{ steps.extract.rows }}'}}\n"
+    "  model:\n"
+    "    depends_on: [prepare]\n"
+    "    prewarm: true\n"
+    "    steps:\n"
+    "      - train:\n"
+    "          entrypoint: jobs.train:main\n"
+    "          \n"
+)
+
+
+def test_stages_are_valid_and_complete_in_the_editor(server, workspace):
+    uri = _open(server, workspace, "stages.yml", STAGES)
+    assert server.diagnostics(uri) == []
+    labels = set(server.completion(uri, 16, 10))  # inside the step 'train'
+    assert {"params", "outlets", "timeout", "retries"} <= labels, labels
+    text = STAGES.replace("          \n", "") + "  report:\n    \n"
+    uri = _open(server, workspace, "stage_keys.yml", text)
+    server.diagnostics(uri)
+    assert {"steps", "cluster", "depends_on", "prewarm"} <= set(server.completion(uri, 17, 4))
+
+
+def test_stage_mistakes_are_shown_where_they_are(server, workspace):
+    text = (
+        STAGES.replace("{workers: 4,", "{workers: 4, adaptiv: 2,")  # line 5
+        .replace("entrypoint: jobs.extract:main", "entrypoint: jobs/extract.py")  # line 7
+        .replace("prewarm: true", "prewarm: yes please")  # line 12
+    )
+    uri = _open(server, workspace, "stage_bad.yml", text)
+    found = _messages(server.diagnostics(uri))
+    lines = {line for line, _ in found}
+    assert lines == {5, 7, 12}, found
+    assert any("module:function" in m for line, m in found if line == 7), found

@@ -286,3 +286,28 @@ def test_a_failing_step_fails_the_run_after_tearing_down_every_started_stage(run
     assert "train failed on 4 rows" in out.stderr
     assert "model: teardown" in out.stderr and "prepare: teardown" in out.stderr
     assert cluster_processes("staged__") == []
+
+
+@pytest.mark.e2e
+def test_steps_that_find_their_cluster_lost_at_once_start_one_replacement(runnable):
+    """Parallel steps of a stage retry together after its scheduler died: one new cluster."""
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dagfactory import steps
+    from dagfactory.backends import ClusterHandle, get_backend
+
+    spec = load_file(runnable).for_stage("prepare")
+    boot = steps.bootstrap(spec)
+    key = "staged__lost_at_once__prepare"
+    first = steps.cluster_up(spec, boot, key)
+    os.kill(first["details"]["pids"][0], signal.SIGKILL)  # the scheduler
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            found = list(pool.map(lambda _: steps.ensure_cluster(spec, boot, key, first), "ab"))
+        ids = {h["details"]["scheduler_id"] for h in found}
+        assert len(ids) == 1 and first["details"]["scheduler_id"] not in ids
+        assert get_backend("local").alive(ClusterHandle.from_json(found[0]))
+    finally:
+        steps.teardown(spec, key, first, *found)
+    assert cluster_processes(key) == []

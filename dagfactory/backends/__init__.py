@@ -139,6 +139,8 @@ def scheduler_identity(
         finally:
             await comm.close()
 
+    if not scheduler_answers(address, timeout):
+        return {}  # refused at once: Dask's connect would retry that until its timeout
     try:
         identity = asyncio.run(asyncio.wait_for(ask(), timeout))
     except Exception:
