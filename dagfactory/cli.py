@@ -224,6 +224,19 @@ cluster:
   workers: 2
   cpu: 1
   memory: 2GiB
+  # adaptive: {{minimum: 1, maximum: 8}}   # let Dask scale the workers with the work
+# Several steps and clusters: replace entrypoint with stages (README: "Stages"):
+# stages:
+#   prepare:
+#     cluster: {{workers: 8}}
+#     steps:
+#       - extract: {{entrypoint: jobs.extract:main, params: {{day: "{{{{ ds }}}}"}}}}
+#       - clean: {{entrypoint: jobs.clean:main, params: {{rows: "{{{{ steps.extract.rows }}}}"}}}}
+#   model:
+#     depends_on: [prepare]
+#     prewarm: true
+#     steps:
+#       - train: {{entrypoint: jobs.train:main}}
 """
 
 
