@@ -3,12 +3,12 @@
     .venv/bin/python -m bench.stages [--repeats N]     (writes docs/bench-stages.md)
 
 One Airflow (api-server, scheduler, dag-processor; LocalExecutor, SQLite) runs three pipelines
-of the same four steps, each step a real Dask job of about STEP_SECONDS on a 2-worker local
+of the same six steps, each step a real Dask job of about STEP_SECONDS on a 2-worker local
 cluster, in turn, `--repeats` times each:
 
 - `per_step`: what Airflow users do today with cluster operators (EMR-style create cluster,
-  add a step, terminate): every step on a cluster of its own (four stages of one step);
-- `shared`: stage `a` runs three steps on one cluster, stage `b` the fourth on another;
+  add a step, terminate): every step on a cluster of its own (six stages of one step);
+- `shared`: stage `a` runs five steps on one cluster, stage `b` the sixth on another;
 - `shared_prewarm`: the same, with `prewarm: true` on `b`, whose cluster then starts while
   `a`'s last step runs.
 
@@ -37,7 +37,7 @@ REPO = BASE / "repo"
 PIPELINES = BASE / "pipelines"
 HOME = BASE / "airflow"
 REPORT = ROOT / "docs" / "bench-stages.md"
-STEP_SECONDS = 4
+STEP_SECONDS = 3
 
 JOB = '''\
 """Stages benchmark job: a few seconds of real Dask work on the cluster."""
@@ -57,24 +57,34 @@ source: {{git: {repo}}}
 cluster: {{workers: 2, memory: 1GiB}}
 stages:
 """
+STEPS = 6
+"""Steps of every pipeline: the last stage's one, and the first stage's STEPS - 1."""
+
+
+def _pipeline(stages: list[tuple[str, list[str], str]]) -> str:
+    """HEAD, then one line per stage: (name, its steps, extra keys)."""
+    lines = [
+        f"  {name}: {{{{{extra}steps: ["
+        + ", ".join(f"{{{{{s}: {{step}}}}}}" for s in steps)
+        + "]}}"
+        for name, steps, extra in stages
+    ]
+    return HEAD + "\n".join(lines) + "\n"
+
+
+_FIRST = [f"s{i}" for i in range(1, STEPS)]
+_LAST = f"s{STEPS}"
 PIPELINES_TEXT = {
-    "per_step": HEAD
-    + """\
-  one: {{steps: [{{s1: {step}}}]}}
-  two: {{depends_on: [one], steps: [{{s2: {step}}}]}}
-  three: {{depends_on: [two], steps: [{{s3: {step}}}]}}
-  four: {{depends_on: [three], steps: [{{s4: {step}}}]}}
-""",
-    "shared": HEAD
-    + """\
-  a: {{steps: [{{s1: {step}}}, {{s2: {step}}}, {{s3: {step}}}]}}
-  b: {{depends_on: [a], steps: [{{s4: {step}}}]}}
-""",
-    "shared_prewarm": HEAD
-    + """\
-  a: {{steps: [{{s1: {step}}}, {{s2: {step}}}, {{s3: {step}}}]}}
-  b: {{depends_on: [a], prewarm: true, steps: [{{s4: {step}}}]}}
-""",
+    "per_step": _pipeline(
+        [
+            (f"p{i}", [f"s{i}"], f"depends_on: [p{i - 1}], " if i > 1 else "")
+            for i in range(1, STEPS + 1)
+        ]
+    ),
+    "shared": _pipeline([("a", _FIRST, ""), ("b", [_LAST], "depends_on: [a], ")]),
+    "shared_prewarm": _pipeline(
+        [("a", _FIRST, ""), ("b", [_LAST], "depends_on: [a], prewarm: true, ")]
+    ),
 }
 
 
@@ -198,7 +208,9 @@ def report(results: dict) -> str:
 
     rows = "\n".join(
         f"| `{name}` | {median(name, 'wall_s'):.1f} s | {median(name, 'clusters'):.0f} | "
-        f"{median(name, 'starting_s'):.1f} s | {median(name, 'cluster_s'):.1f} s |"
+        f"{median(name, 'starting_s'):.1f} s "
+        f"({median(name, 'starting_s') / median(name, 'clusters'):.1f} s each) | "
+        f"{median(name, 'cluster_s'):.1f} s |"
         for name in PIPELINES_TEXT
     )
     shared, per_step, prewarm = "shared", "per_step", "shared_prewarm"
@@ -211,11 +223,11 @@ Measured {results["at"]} on {machine["cores"]} cores ({machine["cpu"]}), Airflow
 {machine["airflow"]}, distributed {machine["distributed"]}; LocalExecutor, SQLite, local Dask
 clusters of 2 workers. Medians of {results["repeats"]} runs each, taken in turn.
 
-Four steps, each {results["step_seconds"]} s of real Dask work (sleeping tasks, so that the
+{STEPS} steps, each {results["step_seconds"]} s of real Dask work (sleeping tasks, so that the
 numbers do not depend on the CPU share a step gets):
 
 - `per_step`: a cluster per step, as with EMR-style operators (create, add step, terminate);
-- `shared`: three steps on the cluster of stage `a`, the fourth on stage `b`'s;
+- `shared`: {STEPS - 1} steps on the cluster of stage `a`, the last on stage `b`'s;
 - `shared_prewarm`: the same, with `prewarm: true` on `b`.
 
 | pipeline | run wall time | clusters started | time starting clusters | cluster-seconds |
