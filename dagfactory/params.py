@@ -53,7 +53,10 @@ def param_spec(value: Any) -> ParamSpec:
     """The long form of a param as written in the file (plain value or long form)."""
     if not is_long_form(value):
         return ParamSpec(default=value, type=type_of(value))
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+    # Lists of keywords (type, enum, examples) freeze; a default stays the value it is.
+    fields = {
+        k: tuple(v) if isinstance(v, list) and k != "default" else v for k, v in value.items()
+    }
     if fields.get("type") is None:
         fields["type"] = type_of(fields["default"])
     return ParamSpec(**fields)

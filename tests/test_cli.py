@@ -34,7 +34,7 @@ def test_schema_prints_the_checked_in_schema():
 def test_validate_the_repo_pipelines():
     out = dagfactory("validate")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "1 pipeline file(s) valid" in out.stderr
+    assert "2 pipeline file(s) valid" in out.stderr
 
 
 def test_validate_reports_file_line_col_and_exits_1(tmp_path):

@@ -132,3 +132,21 @@ def test_schema_errors_and_rule_errors_are_reported_in_one_pass(tmp_path):
     assert fields == ["schedule", "cluster.workers", "cluster.cpu"], str(err.value)
     assert "unknown preset '@daly'; did you mean '@daily'?" in str(err.value)
     assert "'cpu' has no effect there" in str(err.value)
+
+
+def test_a_long_form_list_default_is_an_array(tmp_path):
+    from dagfactory.load import load_file
+    from tests.conftest import write_pipeline
+
+    path = write_pipeline(
+        tmp_path,
+        "lists",
+        """
+        source: {git: x}
+        entrypoint: a.b:c
+        params:
+          regions: {default: [eu, us], type: array, items: {type: string}}
+        """,
+    )
+    spec = load_file(path)
+    assert spec.param_defaults == {"regions": ["eu", "us"]}

@@ -1,0 +1,1 @@
+"""Example pipeline code: synthetic sales data, prepared, modelled and reported on Dask."""
