@@ -193,7 +193,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     applied = ", ".join(d.shown for d in defaults.chain(file, args.file)) or "none"
     chosen = f"; profile: {defaults.profile.name}" if defaults.profile else ""
     _err(f"defaults files: {applied}{chosen}")
-    print(json.dumps(dataclasses.asdict(spec), indent=2, default=str))
+    try:
+        print(json.dumps(dataclasses.asdict(spec), indent=2, default=str), flush=True)
+    except BrokenPipeError:  # `dagfactory render ... | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_OK
 
 

@@ -204,18 +204,19 @@ class RunOperator(_PipelineOperator):
         ({{ params.day }}) and the results of earlier steps ({{ steps.clean.rows }}).
         """
         context = _with_run_dates(context)
+        declared = {name: context["params"][name] for name in self.spec.params}
+        rendered = self.render_template(declared, context)
         if self.step is None:
-            declared = {name: context["params"][name] for name in self.spec.params}
-            return self.render_template(declared, context)
+            return rendered
         from dagfactory.params import render_step_params
 
         results = {
             name: context["ti"].xcom_pull(task_ids=task_id)
             for name, task_id in self.results.items()
         }
-        return render_step_params(
-            self.step.params, {**context, "steps": results}, self.get_template_env()
-        )
+        # The DAG's params as the one-entry-point form passes them: rendered ({{ ds }}) first.
+        step_context = {**context, "params": rendered, "steps": results}
+        return render_step_params(self.step.params, step_context, self.get_template_env())
 
 
 class TeardownOperator(_PipelineOperator):

@@ -231,7 +231,9 @@ def teardown(spec: PipelineSpec, key: str, *handles: dict[str, Any] | None) -> N
     left. `spec` is as the stage sees it (`PipelineSpec.for_stage`)."""
     backend = get_backend(spec.cluster.backend)
     known = [ClusterHandle.from_json(h) for h in dict.fromkeys(map(_frozen, handles)) if h]
-    for handle in known or [ClusterHandle(spec.cluster.backend, key, "")]:
+    # Newest first: a live replacement is shut down through Dask before the stop by key that
+    # comes with the lost cluster's handle finds its processes.
+    for handle in known[::-1] or [ClusterHandle(spec.cluster.backend, key, "")]:
         backend.down(handle, spec.cluster)
 
 
