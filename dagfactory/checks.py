@@ -530,11 +530,19 @@ def _check_cluster(path: FieldPath, cluster: ClusterSpec) -> Iterator[Finding]:
                 yield (*path, memory_field if "memory" in problem else cpu_field), problem
     if cluster.adaptive is not None:
         bounds = cluster.adaptive
-        if cluster.backend != "local":
+        if cluster.backend not in ("local", "fargate"):
             yield (
                 (*path, "adaptive"),
-                f"adaptive scaling works on the local backend only for now, and this cluster's "
+                f"adaptive scaling works on the local and fargate backends, and this cluster's "
                 f"backend is '{cluster.backend}'; remove adaptive and set workers",
+            )
+        if cluster.backend == "fargate" and not cluster.task_role:
+            yield (
+                (*path, "adaptive"),
+                "adaptive scaling on fargate needs cluster.task_role: the scheduler starts and "
+                "stops its worker tasks with that role (it needs the permissions in "
+                "deploy/aws/scheduler-task-role.json); set task_role, or remove adaptive and "
+                "set workers",
             )
         if bounds.minimum > bounds.maximum:
             yield (

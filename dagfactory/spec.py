@@ -187,7 +187,7 @@ class ClusterSpec:
         "Let Dask scale the workers between minimum and maximum with the work waiting "
         "(Dask's adaptive deployments): more workers while a step has more tasks than threads, "
         "fewer when they idle. The cluster starts with 'workers' (kept within the bounds). "
-        "The local backend only, for now.",
+        "The local and fargate backends (fargate: needs task_role).",
         None,
         examples=[{"minimum": 1, "maximum": 8}],
     )
@@ -286,7 +286,8 @@ class ClusterSpec:
     )
     task_role: str | None = doc(
         "Fargate: IAM role (name or ARN) of the scheduler and workers, for what the pipeline's "
-        "code reads and writes (S3, say). Default: none.",
+        "code reads and writes (S3, say); with adaptive, also the scheduler's, which starts and "
+        "stops worker tasks with it (deploy/aws/scheduler-task-role.json). Default: none.",
         None,
         minLength=1,
         examples=["pipeline-data-access"],

@@ -26,6 +26,8 @@ What moto 5.2.5 does in server mode, checked with boto3 1.44.5 (the fargate back
   ``stop_task``, after which ``describe_tasks`` shows ``lastStatus`` and ``desiredStatus``
   STOPPED and the ``stoppedReason`` at once, but no ``stoppedAt`` and no ``stopCode``.
 - ``delete_cluster`` succeeds while tasks run (AWS refuses); the cluster stays listed, INACTIVE.
+- ``run_task`` takes overrides of any size; the server here refuses more than 8192 characters of
+  them (their JSON), with AWS's message, because AWS does.
 
 The agent runs a container's ``entryPoint`` + ``command`` (the run's container override replaces
 the command; override environment wins over the definition's) with the virtualenv mapped to its
@@ -33,17 +35,25 @@ image first on PATH, in its own session, in a fresh environment: the task's vari
 ``DAGFACTORY_FAKE_TASK`` (the task ARN), ``DAGFACTORY_FAKE_AWS`` (this fake AWS) and
 ``DAGFACTORY_FAKE_TASK_IP`` (for test commands that must bind their address; real Fargate has no
 such variable), and ``SPT_NOENV=1`` (Dask's process titles would blank /proc/PID/environ, markers
-included). ``dask scheduler`` and ``dask worker`` get ``--host <task ip>`` and a dashboard on
-that address appended, because the product cannot know the task's address when it writes the
-command. Nothing from ``EXTRA_PIP_PACKAGES`` is installed: the mapped virtualenv has it already.
+included). A task reaches this fake AWS as a real one reaches AWS: ``AWS_ENDPOINT_URL`` points
+its SDK here (the network edge; a real task resolves AWS's endpoints), ``AWS_REGION`` and
+``AWS_DEFAULT_REGION`` are set as Fargate sets them, and a task whose definition has a
+``taskRoleArn`` gets that role's credentials the way Fargate gives them, from a credentials
+endpoint (``AWS_CONTAINER_CREDENTIALS_FULL_URI``, here on 127.0.0.1), never in its environment;
+a task without a role gets none (and no instance metadata service to fall back to).
+``dask scheduler`` and ``dask worker`` get ``--host <task ip>`` and a dashboard on that address
+appended, because the product cannot know the task's address when it writes the command.
+Nothing from ``EXTRA_PIP_PACKAGES`` is installed: the mapped virtualenv has it already.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import http.server
 import ipaddress
 import itertools
+import json
 import os
 import random
 import select
@@ -117,6 +127,7 @@ def serve(first_address: str, region: str, refusals: str) -> None:
 
     moto.ecs.models.random_private_ip = loopback_addresses(first_address)
     _refuse_task_definitions(Path(refusals))
+    _limit_overrides()
     state_manager.set_transition("ecs::task", {"progression": "manual", "times": 10**9})
     # Made here, while the harness imports boto3, instead of on the first request.
     for backends in (ec2_backends, moto.ecs.models.ecs_backends):
@@ -148,6 +159,77 @@ def _refuse_task_definitions(refusals: Path) -> None:
         return register(self, family, *args, **kwargs)
 
     EC2ContainerServiceBackend.register_task_definition = refusing
+
+
+OVERRIDES_LIMIT = 8192
+
+
+def _limit_overrides() -> None:
+    """Make ECS refuse run_task overrides longer than AWS takes (8192 characters of JSON)."""
+    from moto.ecs.exceptions import InvalidParameterException
+    from moto.ecs.models import EC2ContainerServiceBackend
+
+    run_task = EC2ContainerServiceBackend.run_task
+
+    def limited(self, cluster_str, task_definition_str, count, overrides, *args, **kwargs):
+        if len(json.dumps(overrides or {}, separators=(",", ":"))) > OVERRIDES_LIMIT:
+            raise InvalidParameterException(
+                f"Container Overrides length must be at most {OVERRIDES_LIMIT}"
+            )
+        return run_task(self, cluster_str, task_definition_str, count, overrides, *args, **kwargs)
+
+    EC2ContainerServiceBackend.run_task = limited
+
+
+# --- the task roles' credentials ------------------------------------------------------------
+
+
+class RoleCredentials:
+    """The credentials endpoint of the tasks that have a task role: what Fargate serves on
+    169.254.170.2, here on 127.0.0.1 (boto3 takes a loopback ``FULL_URI``). Keys are made up
+    (moto takes any); the test sees which roles were asked for."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        credentials = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                role = self.path.rsplit("/", 1)[-1]
+                credentials.asked.append(role)
+                body = json.dumps(
+                    {
+                        "AccessKeyId": "ASIAFAKETASKROLE",
+                        "SecretAccessKey": f"fake-secret-of-{role}",
+                        "Token": f"fake-token-of-{role}",
+                        "Expiration": time.strftime(
+                            "%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 6 * 3600)
+                        ),
+                        "RoleArn": role,
+                    }
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="fake-task-role-credentials", daemon=True
+        )
+
+    def url(self, role_arn: str) -> str:
+        return f"http://127.0.0.1:{self._server.server_port}/roles/{role_arn.rsplit('/', 1)[-1]}"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
 
 
 # --- what the agent ran ---------------------------------------------------------------------
@@ -259,11 +341,18 @@ class ContainerAgent:
     containers of new tasks, kill the ones someone stopped, report the ones that exited."""
 
     def __init__(
-        self, client_factory: Callable[[str], object], images: Mapping[str, Path], workdir: Path
+        self,
+        client_factory: Callable[[str], object],
+        images: Mapping[str, Path],
+        workdir: Path,
+        aws_env: Mapping[str, str] | None = None,
+        role_credentials: RoleCredentials | None = None,
     ):
         self._client_factory = client_factory
         self._images = dict(images)
         self._workdir = workdir
+        self._aws_env = dict(aws_env or {})
+        self._role_credentials = role_credentials
         self._tasks: dict[str, FakeTask] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -351,6 +440,10 @@ class ContainerAgent:
         }
         problem = "" if task.ip else "the fake AWS runs only awsvpc tasks (no privateIPv4Address)"
         definition = self._definition(ecs, described["taskDefinitionArn"])
+        aws_env = dict(self._aws_env)
+        if definition.get("taskRoleArn") and self._role_credentials:
+            credentials = self._role_credentials.url(definition["taskRoleArn"])
+            aws_env["AWS_CONTAINER_CREDENTIALS_FULL_URI"] = credentials
         for spec in definition["containerDefinitions"] if not problem else []:
             override = overrides.get(spec["name"], {})
             venv = self._images.get(spec["image"], self._images.get("*"))
@@ -377,6 +470,7 @@ class ContainerAgent:
                     "LANG": "C.UTF-8",
                     "SPT_NOENV": "1",
                     **variables,
+                    **aws_env,
                     TASK_MARKER: arn,
                     AWS_MARKER: str(self._workdir),
                     TASK_IP_VARIABLE: task.ip,
@@ -470,7 +564,14 @@ class FakeAWS:
         self._clients_lock = threading.Lock()
         self._session = None
         venvs = {image: Path(venv) for image, venv in images.items()}
-        self.agent = ContainerAgent(self.client, venvs, workdir)
+        self.role_credentials = RoleCredentials()
+        task_env = {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_REGION": region,
+            "AWS_DEFAULT_REGION": region,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+        self.agent = ContainerAgent(self.client, venvs, workdir, task_env, self.role_credentials)
 
     @property
     def env(self) -> dict[str, str]:
@@ -592,6 +693,7 @@ def fake_aws(
         default_vpc = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])
         for vpc in default_vpc["Vpcs"]:
             ec2.modify_vpc_attribute(VpcId=vpc["VpcId"], EnableDnsHostnames={"Value": True})
+        aws.role_credentials.start()
         agent.start()
         started = True
         yield aws
@@ -600,6 +702,7 @@ def fake_aws(
         problems = []
         if started:
             agent.stop()
+            aws.role_credentials.stop()
             left = agent.kill_all()
             if failed:
                 print(aws.logs(), file=sys.stderr)

@@ -33,6 +33,9 @@ ANSWER_WHO = textwrap.dedent(
                 "arn": os.environ["DAGFACTORY_FAKE_TASK"],
                 "greeting": os.environ.get("GREETING"),
                 "endpoint": os.environ.get("AWS_ENDPOINT_URL"),
+                "region": os.environ.get("AWS_REGION"),
+                "credentials": os.environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI"),
+                "keys": sorted(k for k in os.environ if k.startswith("AWS_") and "KEY" in k),
             }).encode()
             self.send_response(200)
             self.end_headers()
@@ -70,7 +73,9 @@ def _network(aws) -> dict:
     return {"awsvpcConfiguration": {"subnets": [subnet], "securityGroups": [group]}}
 
 
-def _task_definition(ecs, command: list[str], image: str = IMAGE, **environment: str) -> str:
+def _task_definition(
+    ecs, command: list[str], image: str = IMAGE, role: str = "", **environment: str
+) -> str:
     container = {
         "name": "main",
         "image": image,
@@ -86,6 +91,7 @@ def _task_definition(ecs, command: list[str], image: str = IMAGE, **environment:
         cpu="256",
         memory="512",
         containerDefinitions=[container],
+        **({"taskRoleArn": role} if role else {}),
     )
     return registered["taskDefinition"]["taskDefinitionArn"]
 
@@ -141,10 +147,16 @@ def test_tasks_run_on_their_own_address_until_stopped():
         ecs = aws.client("ecs")
         ecs.create_cluster(clusterName="harness")
         definition = _task_definition(ecs, ["python", "-c", ANSWER_WHO], GREETING="definition")
+        with_role = _task_definition(
+            ecs,
+            ["python", "-c", ANSWER_WHO],
+            role="arn:aws:iam::123456789012:role/pipeline-data",
+            GREETING="definition",
+        )
         first = _run(aws, definition, startedBy="harness-test")
         second = _run(
             aws,
-            definition,
+            with_role,
             overrides={
                 "containerOverrides": [
                     {
@@ -169,8 +181,24 @@ def test_tasks_run_on_their_own_address_until_stopped():
         answers = {
             t.arn: _eventually(lambda t=t: _ask(t.ip), f"{t.arn} answers") for t in (one, two)
         }
-        assert answers[first] == {"arn": first, "greeting": "definition", "endpoint": None}
+        # Every task reaches this fake AWS and knows its region; credentials come only with a
+        # task role, from its endpoint on loopback, never in the environment.
+        assert answers[first] == {
+            "arn": first,
+            "greeting": "definition",
+            "endpoint": aws.endpoint,
+            "region": aws.region,
+            "credentials": None,
+            "keys": [],
+        }
         assert answers[second]["greeting"] == "override"
+        assert answers[second]["keys"] == []
+        role_url = answers[second]["credentials"]
+        assert role_url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(role_url, timeout=5) as response:
+            credentials = json.load(response)
+        assert {"AccessKeyId", "SecretAccessKey", "Token", "Expiration"} <= set(credentials)
+        assert aws.role_credentials.asked == ["pipeline-data"]
 
         ecs.stop_task(cluster="harness", task=first, reason="test stops it")
         _eventually(lambda: one.container.process.poll() is not None, "the stopped task exits")
@@ -214,6 +242,28 @@ def test_a_task_whose_command_exits_is_stopped_in_ecs(aws):
     )
     assert refused["stoppedReason"].startswith("CannotPullContainerError")
     assert aws.task(unknown_image).containers == []
+
+
+@pytest.mark.e2e
+def test_overrides_longer_than_aws_takes_are_refused(aws):
+    from botocore.exceptions import ClientError
+
+    ecs = aws.client("ecs")
+    definition = _task_definition(ecs, ["true"])
+    big = {
+        "containerOverrides": [
+            {"name": "main", "environment": [{"name": "X", "value": "x" * 8200}]}
+        ]
+    }
+    with pytest.raises(ClientError, match="Container Overrides length must be at most 8192"):
+        _run(aws, definition, overrides=big)
+    fits = {
+        "containerOverrides": [
+            {"name": "main", "environment": [{"name": "X", "value": "x" * 8000}]}
+        ]
+    }
+    arn = _run(aws, definition, overrides=fits)
+    assert aws.task(arn).env["X"] == "x" * 8000
 
 
 @pytest.mark.e2e

@@ -320,7 +320,8 @@ def test_validate_knows_fargate_sizes_and_backend_settings(tmp_path):
         """
         source: {git: x}
         entrypoint: a:b
-        cluster: {backend: fargate, cpu: 4, memory: 3GiB, scheduler_cpu: 3, listen: eth0}
+        cluster: {backend: fargate, cpu: 4, memory: 3GiB, scheduler_cpu: 3, listen: eth0,
+                  adaptive: {maximum: 3}}
         """,
     )
     out = dagfactory("validate", str(bad))
@@ -328,6 +329,7 @@ def test_validate_knows_fargate_sizes_and_backend_settings(tmp_path):
     assert "with 4 vCPUs choose 8GiB to 30GiB in steps of 1GiB" in out.stdout
     assert "Fargate has no task with 3 vCPUs; choose one of 1, 2, 4, 8 or 16" in out.stdout
     assert "'listen' applies to the 'local' backend only" in out.stdout
+    assert "adaptive scaling on fargate needs cluster.task_role" in out.stdout
 
 
 def test_the_documented_iam_policy_allows_every_call_the_backend_makes():
@@ -345,3 +347,122 @@ def test_the_documented_iam_policy_allows_every_call_the_backend_makes():
     assert len(calls) >= 15
     assert needed <= allowed, sorted(needed - allowed)
     assert allowed <= needed, sorted(allowed - needed)  # and nothing it does not need
+
+
+def test_the_scheduler_task_role_policy_allows_every_call_of_the_adaptive_preload():
+    """deploy/aws/scheduler-task-role.json is what the README tells users to give the task role
+    of an adaptive cluster: the scheduler's own calls, not the Airflow worker's."""
+    source = (ROOT / "dagfactory" / "backends" / "adaptive.py").read_text()
+    calls = set(re.findall(r"self\.ecs\.([a-z_]+)", source))
+    needed = {f"ecs:{''.join(w.title() for w in name.split('_'))}" for name in calls}
+    # Tags given at creation, and the roles of the worker tasks it starts.
+    needed |= {"ecs:TagResource", "iam:PassRole"}
+    policy = json.loads((ROOT / "deploy" / "aws" / "scheduler-task-role.json").read_text())
+    allowed = {action for s in policy["Statement"] for action in s["Action"]}
+    assert {"ecs:RunTask", "ecs:StopTask", "ecs:DescribeTasks"} <= needed
+    assert needed == allowed, (sorted(needed - allowed), sorted(allowed - needed))
+
+
+def _until(condition, timeout: float = 90.0, every: float = 0.3):
+    """Poll `condition` until it holds (generous deadline: the machine is shared)."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()) and time.monotonic() < deadline:
+        time.sleep(every)
+    return result
+
+
+def test_adaptive_worker_tasks_grow_within_maximum_shrink_back_and_go_with_teardown(
+    aws_env, tmp_path, wordcount_repo
+):
+    from distributed import Client, fire_and_forget
+    from distributed.security import Security
+
+    from dagfactory.backends import ClusterHandle
+    from dagfactory.backends.fargate import FargateBackend
+
+    aws = aws_env
+    path = fargate_pipeline(
+        tmp_path,
+        wordcount_repo,
+        "fg_adaptive",
+        workers=1,
+        adaptive={"minimum": 1, "maximum": 3},
+        task_role="dagfactory-task",
+        spot=True,
+    )
+    spec = load(path)
+    key = steps.run_key(spec.dag_id, "manual__adaptive")
+    rid = run_id(key)
+    handle = steps.cluster_up(spec, steps.bootstrap(spec), key)
+    details = handle["details"]
+    assert details["adaptive"] == {"minimum": 1, "maximum": 3}
+    assert len(details["worker_tasks"]) == 1
+    ecs = aws.client("ecs")
+
+    def running_workers() -> list[str]:
+        listed = ecs.list_tasks(cluster="dagfactory", startedBy=rid, desiredStatus="RUNNING")
+        return [t for t in listed["taskArns"] if t != details["scheduler_task"]]
+
+    tls = FargateBackend().client_env(ClusterHandle.from_json(handle))
+    security = Security(
+        require_encryption=True,
+        tls_ca_file=tls["DASK_DISTRIBUTED__COMM__TLS__CA_FILE"],
+        tls_client_cert=tls["DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT"],
+        tls_client_key=tls["DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY"],
+    )
+    with Client(handle["scheduler_address"], security=security, timeout=30) as client:
+        futures = client.map(time.sleep, [0.5] * 60, pure=False)
+        tasks_seen, workers_seen = [], []
+        while not all(f.done() for f in futures):
+            tasks_seen.append(len(running_workers()))
+            workers_seen.append(len(client.nthreads()))
+            time.sleep(0.2)
+        assert client.gather(futures) == [None] * 60
+        assert 1 < max(tasks_seen) <= 3, tasks_seen
+        assert 1 < max(workers_seen) <= 3, workers_seen
+        # Idle again: back to the minimum, in the scheduler and in ECS.
+        assert _until(lambda: len(running_workers()) == 1 and len(client.nthreads()) == 1)
+
+        mine = [t for t in aws.tasks if t.started_by == rid]
+        [first] = [t for t in mine if t.arn in details["worker_tasks"]]
+        added = [t for t in mine if "--name" in t.command]
+        assert added and len(mine) == 2 + len(added)  # and the scheduler, the first worker
+        [left] = running_workers()
+        described = {t["taskArn"]: t for t in describe_tasks(aws, [t.arn for t in mine])}
+        for task in added:
+            # The first worker's arguments, a name of its own, and the scheduler's TLS.
+            name = task.command[task.command.index("--name") + 1]
+            assert re.fullmatch(r"adaptive-[0-9]+", name)
+            assert task.command[:-4] == [*first.command[:-4], "--name", name]
+            tls_key = "DASK_DISTRIBUTED__COMM__TLS__WORKER__KEY"
+            assert task.env[tls_key] == first.env[tls_key]
+            ours, theirs = described[task.arn], described[first.arn]
+            for field in ("startedBy", "taskDefinitionArn", "capacityProviderName", "tags"):
+                assert ours[field] == theirs[field], field
+        for task in mine:  # the retired workers' tasks, whichever they were, are stopped
+            if task.arn not in (left, details["scheduler_task"]):
+                assert described[task.arn]["lastStatus"] == "STOPPED", described[task.arn]
+        # The scheduler's calls were made with its task role.
+        assert "dagfactory-task" in aws.role_credentials.asked
+
+        # No secret in the definitions nor in the preload's configuration.
+        [scheduler] = [t for t in mine if t.arn == details["scheduler_task"]]
+        config = scheduler.env["DAGFACTORY_ADAPTIVE"]
+        assert "PRIVATE KEY" not in config and "CERTIFICATE" not in config
+        for arn in details["task_definitions"]:
+            definition = ecs.describe_task_definition(taskDefinition=arn)["taskDefinition"]
+            assert "PRIVATE KEY" not in json.dumps(definition)
+        for task in mine:
+            assert SECRET not in json.dumps(task.env)
+            assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(task.env)
+        # boto3 for the scheduler's preload, which travels in its command as source.
+        assert re.search(r"(^| )boto3==[0-9.]+", scheduler.extra_pip_packages)
+        assert "boto3" not in (first.extra_pip_packages or "")
+        assert "class TaskWorkers" in scheduler.command[scheduler.command.index("--preload") + 1]
+
+        # Work again, and a teardown by key while the scheduler's own workers run.
+        fire_and_forget(client.map(time.sleep, [0.5] * 60, pure=False))
+        assert _until(lambda: len(running_workers()) > 1)
+    out = dagfactory("teardown", str(path), "--key", key)
+    assert out.returncode == 0, out.stderr
+    wait_nothing_left(aws)

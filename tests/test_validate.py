@@ -195,7 +195,7 @@ def test_files_of_a_folder_are_shown_joined_to_the_folder_given(tmp_path):
 def test_valid_files_exit_0():
     out = dagfactory("validate", "pipelines/wordcount.yml", "pipelines")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout == "" and "1 pipeline file(s) valid" in out.stderr
+    assert out.stdout == "" and "2 pipeline file(s) valid" in out.stderr
 
 
 @pytest.mark.parametrize(

@@ -19,12 +19,20 @@ the run; tasks get private IPs and a security group that admits the scheduler an
 ports only from `allow_from` (default: the VPC). The certificate travels in the tasks' run
 overrides, not in the task definitions (which AWS keeps) nor in the handle (which goes to XCom):
 a client reads it back from the scheduler task with the same ECS permissions teardown needs.
+
+With `cluster.adaptive` the scheduler starts and stops worker tasks itself (adaptive.py, which
+says why): its command carries the preload as source text (the stock image has no file of
+ours), its EXTRA_PIP_PACKAGES boto3, its run overrides the run_task arguments of the first
+workers (no secret: the TLS settings the workers need are the scheduler's own variables), and
+its calls are made with the task role. Its workers carry the run id as `startedBy` like the
+rest, so `down` finds them too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import re
 import subprocess
@@ -50,6 +58,9 @@ LOG_RETENTION_DAYS = 30
 DEFAULT_EXECUTION_ROLE = "ecsTaskExecutionRole"
 STOP_REASON = "dagfactory teardown"
 _ALREADY_GONE = ("InvalidParameterException", "ClusterNotFoundException")
+ADAPTIVE_PRELOAD = Path(__file__).with_name("adaptive.py")
+ADAPTIVE_VARIABLE = "DAGFACTORY_ADAPTIVE"  # read by adaptive.py
+SCHEDULER_ADDRESS = "{scheduler_address}"  # adaptive.py puts the scheduler's address there
 
 # vCPUs -> (smallest GiB, largest GiB, step GiB): the task sizes Fargate offers.
 FARGATE_SIZES = {1: (2, 8, 1), 2: (4, 16, 1), 4: (8, 30, 1), 8: (16, 60, 4), 16: (32, 120, 8)}
@@ -102,6 +113,70 @@ def image_versions(image: str) -> dict[str, str]:
     """{"distributed": ..., "python": ...} read from a stock Dask image's tag ({} otherwise)."""
     match = _STOCK_IMAGE.search(image)
     return {"distributed": match["dask"], "python": match["python"]} if match else {}
+
+
+def _run_security() -> Any:
+    """A certificate and key made for one run, for every role (like Dask's
+    `Security.temporary`), on an elliptic curve rather than RSA: the tasks get them in their
+    run overrides, which ECS caps at 8192 characters, and RSA's would take more than that."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    from distributed.security import Security
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    key_pem = key.private_bytes(
+        encoding=serialization.Encoding.PEM,
+        format=serialization.PrivateFormat.PKCS8,
+        encryption_algorithm=serialization.NoEncryption(),
+    ).decode()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dask-internal")])
+    now = datetime.datetime.now(tz=datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("dask-internal")]), False)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    roles = {
+        f"tls_{role}_{part}": pem
+        for role in ("client", "scheduler", "worker")
+        for part, pem in (("cert", cert_pem), ("key", key_pem))
+    }
+    return Security(require_encryption=True, tls_ca_file=cert_pem, **roles)
+
+
+def _worker_command(spec: ClusterSpec, address: str) -> list[str]:
+    return [
+        "dask", "worker", address,
+        "--nthreads", str(spec.cpu),
+        "--memory-limit", str(parse_size(spec.memory)),
+        "--death-timeout", str(DEATH_TIMEOUT),
+    ]  # fmt: skip
+
+
+def _boto3_requirement(packages: list[str], python: str) -> list[str]:
+    """boto3 for the adaptive scheduler, unless the pipeline's packages have it already: at the
+    pipeline virtualenv's version if it has one, else at ours."""
+    if any(re.match(r"boto3\b", package, re.IGNORECASE) for package in packages):
+        return []
+    if python:
+        probe = "import importlib.metadata as m; print(m.version('boto3'))"
+        found = subprocess.run([python, "-c", probe], capture_output=True, text=True)
+        if found.returncode == 0:
+            return [f"boto3=={found.stdout.strip()}"]
+    from importlib.metadata import version
+
+    return [f"boto3=={version('boto3')}"]
 
 
 def _venv_versions(python: str) -> dict[str, str]:
@@ -203,8 +278,6 @@ class FargateBackend:
         image: str,
         where: dict[str, Any],
     ) -> ClusterHandle:
-        from distributed.security import Security
-
         rid = where["run_id"]
         tags = {**spec.tags, "dagfactory:run": rid, "dagfactory:key": context.key[:256]}
         _ensure_ecs_cluster(aws, spec.ecs_cluster, tags)
@@ -219,19 +292,27 @@ class FargateBackend:
 
             packages = pipeline_packages(Path(context.python).parent.parent)
         idle = int(parse_duration(spec.idle_timeout).total_seconds())
+        scheduler_command = [
+            "dask", "scheduler", "--idle-timeout", f"{idle}s",
+            "--port", str(SCHEDULER_PORT), "--dashboard-address", f":{DASHBOARD_PORT}",
+        ]  # fmt: skip
+        scheduler_packages = packages
+        if spec.adaptive:
+            # The scheduler starts and stops its workers itself (adaptive.py says why), with
+            # boto3; the stock image has no file of ours, so the preload travels as source.
+            scheduler_command += ["--preload", ADAPTIVE_PRELOAD.read_text()]
+            scheduler_packages = [*packages, *_boto3_requirement(packages, context.python)]
         definitions = {
             "scheduler": _register(
-                aws, spec, rid, "scheduler", image, role, task_role, packages, tags,
-                spec.scheduler_cpu, spec.scheduler_memory,
-                ["dask", "scheduler", "--idle-timeout", f"{idle}s",
-                 "--port", str(SCHEDULER_PORT), "--dashboard-address", f":{DASHBOARD_PORT}"],
+                aws, spec, rid, "scheduler", image, role, task_role, scheduler_packages, tags,
+                spec.scheduler_cpu, spec.scheduler_memory, scheduler_command,
             ),
             "worker": _register(
                 aws, spec, rid, "worker", image, role, task_role, packages, tags,
                 spec.cpu, spec.memory, ["dask", "worker"],
             ),
         }  # fmt: skip
-        security = Security.temporary()
+        security = _run_security()
         pem = {
             "ca": security.tls_ca_file,
             "cert": security.tls_scheduler_cert,
@@ -254,59 +335,85 @@ class FargateBackend:
             "startedBy": rid,
             "tags": [{"key": k, "value": v} for k, v in tags.items()],
         }
+        capacity = (
+            {"capacityProviderStrategy": [{"capacityProvider": "FARGATE_SPOT", "weight": 1}]}
+            if spec.spot
+            else {"launchType": "FARGATE"}
+        )
+        scheduler_env = list(secrets)
+        if spec.adaptive:
+            # No secret in here: the workers' TLS settings are the scheduler's own variables,
+            # which the preload reads from its environment by these names.
+            adaptive = {
+                "minimum": spec.adaptive.minimum,
+                "maximum": spec.adaptive.maximum,
+                "start_workers": spec.start_workers,
+                "start_timeout": START_TIMEOUT,
+                "ecs": {
+                    "region": aws.region,
+                    "run_task": {
+                        "taskDefinition": definitions["worker"],
+                        **capacity,
+                        **common,
+                    },
+                    "container": CONTAINER,
+                    "command": _worker_command(spec, SCHEDULER_ADDRESS),
+                    "environment": list(_TLS_ENV),
+                },
+            }
+            scheduler_env.append({"name": ADAPTIVE_VARIABLE, "value": json.dumps(adaptive)})
         [scheduler_task] = _run_tasks(
             aws,
             1,
             taskDefinition=definitions["scheduler"],
             launchType="FARGATE",
-            overrides={"containerOverrides": [{"name": CONTAINER, "environment": secrets}]},
+            overrides={"containerOverrides": [{"name": CONTAINER, "environment": scheduler_env}]},
             **common,
         )
         ip = _wait_running(aws, spec.ecs_cluster, scheduler_task, spec.log_group)
         address = f"tls://{ip}:{SCHEDULER_PORT}"
         args = security.get_connection_args("client")
         _wait_scheduler(aws, spec, scheduler_task, address, args, context)
-        worker_command = [
-            "dask", "worker", address,
-            "--nthreads", str(spec.cpu),
-            "--memory-limit", str(parse_size(spec.memory)),
-            "--death-timeout", str(DEATH_TIMEOUT),
-        ]  # fmt: skip
-        capacity = (
-            {"capacityProviderStrategy": [{"capacityProvider": "FARGATE_SPOT", "weight": 1}]}
-            if spec.spot
-            else {"launchType": "FARGATE"}
-        )
         worker_tasks = _run_tasks(
             aws,
-            spec.workers,
+            spec.start_workers,
             taskDefinition=definitions["worker"],
             overrides={
                 "containerOverrides": [
-                    {"name": CONTAINER, "command": worker_command, "environment": secrets}
+                    {
+                        "name": CONTAINER,
+                        "command": _worker_command(spec, address),
+                        "environment": secrets,
+                    }
                 ]
             },
             **capacity,
             **common,
         )
         _wait_workers(aws, spec, worker_tasks, address, args)
+        details = {
+            **where,
+            "aws_conn_id": spec.aws_conn_id,
+            "scheduler_task": scheduler_task,
+            "worker_tasks": worker_tasks,
+            "task_definitions": list(definitions.values()),
+            "security_groups": groups,
+            "log_group": spec.log_group,
+            "log_streams": f"{rid}/{CONTAINER}/",
+            "image": image,
+            "idle_timeout": idle,
+        }
+        if spec.adaptive:
+            details["adaptive"] = {
+                "minimum": spec.adaptive.minimum,
+                "maximum": spec.adaptive.maximum,
+            }
         return ClusterHandle(
             backend="fargate",
             key=context.key,
             scheduler_address=address,
             dashboard_link=f"http://{ip}:{DASHBOARD_PORT}/status",
-            details={
-                **where,
-                "aws_conn_id": spec.aws_conn_id,
-                "scheduler_task": scheduler_task,
-                "worker_tasks": worker_tasks,
-                "task_definitions": list(definitions.values()),
-                "security_groups": groups,
-                "log_group": spec.log_group,
-                "log_streams": f"{rid}/{CONTAINER}/",
-                "image": image,
-                "idle_timeout": idle,
-            },
+            details=details,
         )
 
     def alive(self, handle: ClusterHandle) -> bool:
@@ -368,23 +475,23 @@ class FargateBackend:
     def _remove(self, aws: Aws, handle: ClusterHandle, quiet: bool = False) -> None:
         details = handle.details
         rid, cluster = details["run_id"], details["ecs_cluster"]
-        tasks = set(details.get("worker_tasks", ())) | {details.get("scheduler_task")} - {None}
-        try:
-            tasks |= set(_list_tasks(aws, cluster, rid))
-        except Exception as exc:
-            if _error_code(exc) != "ClusterNotFoundException":
-                raise
-        if tasks:  # twice is harmless, and the second time says it stopped nothing
-            live = _describe(aws, cluster, sorted(tasks))
-            tasks = {t["taskArn"] for t in live if t.get("desiredStatus") != "STOPPED"}
-        stopped = []
-        for task in sorted(tasks):
-            try:
-                aws.ecs.stop_task(cluster=cluster, task=task, reason=STOP_REASON)
-                stopped.append(task)
-            except Exception as exc:
-                if _error_code(exc) not in _ALREADY_GONE:
-                    raise
+        # The scheduler first: an adaptive one starts workers until it stops. Then list again,
+        # for a worker it started between our listing and its end (its own close stops those
+        # too, unless it was killed).
+        known = [details.get("scheduler_task"), *details.get("worker_tasks", ())]
+        stopped: list[str] = []
+        for _round in range(3):
+            tasks = [t for t in self._live_tasks(aws, cluster, rid, known) if t not in stopped]
+            if not tasks:
+                break
+            for task in tasks:
+                try:
+                    aws.ecs.stop_task(cluster=cluster, task=task, reason=STOP_REASON)
+                    stopped.append(task)
+                except Exception as exc:
+                    if _error_code(exc) not in _ALREADY_GONE:
+                        raise
+            known = []
         definitions = _deregister(aws, rid)
         groups = _delete_groups(aws, cluster, rid, stopped)
         if stopped or definitions or groups or not quiet:
@@ -397,6 +504,25 @@ class FargateBackend:
                 len(definitions),
                 ", ".join(groups) or "none",
             )
+
+    @staticmethod
+    def _live_tasks(aws: Aws, cluster: str, rid: str, known: list[str | None]) -> list[str]:
+        """The run's tasks not stopped yet: those named (in this order), then those listed."""
+        tasks = [t for t in known if t]
+        try:
+            tasks += [t for t in _list_tasks(aws, cluster, rid) if t not in tasks]
+        except Exception as exc:
+            if _error_code(exc) != "ClusterNotFoundException":
+                raise
+        if not tasks:
+            return []
+        # Twice is harmless, and the second time says it stopped nothing.
+        live = {
+            t["taskArn"]
+            for t in _describe(aws, cluster, tasks)
+            if t.get("desiredStatus") != "STOPPED"
+        }
+        return [t for t in tasks if t in live]
 
 
 def _ensure_ecs_cluster(aws: Aws, name: str, tags: dict[str, str]) -> None:
@@ -670,7 +796,7 @@ def _wait_workers(
             joined = len(ask_scheduler(address, "identity", args).get("workers", {}))
         except Exception:
             joined = 0
-        if joined >= spec.workers:
+        if joined >= spec.start_workers:
             return
         described = _describe(aws, spec.ecs_cluster, tasks)
         stopped = [t for t in described if t["lastStatus"] == "STOPPED"]
@@ -678,7 +804,7 @@ def _wait_workers(
             raise ClusterError(_stopped_message(stopped[0], spec.log_group))
         time.sleep(1)
     raise ClusterError(
-        f"{joined} of {spec.workers} Fargate workers joined within {START_TIMEOUT:.0f}s; see "
+        f"{joined} of {spec.start_workers} Fargate workers joined within {START_TIMEOUT:.0f}s; see "
         f"CloudWatch Logs group {spec.log_group}"
     )
 

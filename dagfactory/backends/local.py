@@ -217,8 +217,7 @@ class LocalBackend:
                 "minimum": spec.adaptive.minimum,
                 "maximum": spec.adaptive.maximum,
                 "start_workers": spec.start_workers,
-                "worker_command": [*worker, *worker_options],
-                "log_dir": str(state),
+                "processes": {"command": [*worker, *worker_options], "log_dir": str(state)},
             }
             envs["scheduler"] = {**env, ADAPTIVE_VARIABLE: json.dumps(adaptive)}
         try:
