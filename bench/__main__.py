@@ -203,13 +203,13 @@ def profiles(parse, n: int, pythons: dict) -> dict:
 
 
 KEY_FUNCTIONS = {
-    ("dagfactory/build.py", "build_dags"): "build_dags",
-    ("dagfactory/build.py", "build_dag"): "build_dag",
-    ("dagfactory/load.py", "load_files"): "load_files",
-    ("dagfactory/yamlfile.py", "read_yaml"): "read_yaml",
-    ("dagfactory/load.py", "_schema_findings"): "schema",
+    ("dagfactory/dag/build.py", "build_dags"): "build_dags",
+    ("dagfactory/dag/build.py", "build_dag"): "build_dag",
+    ("dagfactory/spec/load.py", "load_files"): "load_files",
+    ("dagfactory/spec/yamlfile.py", "read_yaml"): "read_yaml",
+    ("dagfactory/spec/load.py", "_schema_findings"): "schema",
     ("dacite/core.py", "from_dict"): "dacite",
-    ("dagfactory/checks.py", "check_spec"): "check_spec",
+    ("dagfactory/spec/checks.py", "check_spec"): "check_spec",
     ("airflow/dag_processing/dagbag.py", "collect_dags"): "import",
     ("airflow/dag_processing/processor.py", "_serialize_dags"): "serialize",
     ("airflow/sdk/definitions/param.py", "resolve"): "param_resolve",

@@ -102,7 +102,7 @@ def _measure(mode: str, variant: str, rev: str, pipeline: Path, env: dict[str, s
 
 def _child(mode: str, pipeline: Path, out: Path, runner: str) -> None:
     """In the measured interpreter: patch the runner (to time it, or to use the old one), run."""
-    from dagfactory import steps
+    from dagfactory.run import steps
 
     run_entrypoint = steps.run_entrypoint
     if runner:

@@ -213,7 +213,7 @@ def migrate(log: Callable[[str], None] = print) -> None:
 def warm_workspace(log: Callable[[str], None] = print) -> None:
     """Build the pipeline's checkout and virtualenv once, before any timed run."""
     code = (
-        "from dagfactory.load import load_file\nfrom dagfactory import steps\nimport sys\n"
+        "from dagfactory.spec.load import load_file\nfrom dagfactory import steps\nimport sys\n"
         "steps.bootstrap(load_file(sys.argv[1]), output=print)"
     )
     spec = next(PIPELINES.glob("fanout_*.yml"))

@@ -19,8 +19,8 @@ STARTED = time.perf_counter()
 
 
 def _bootstrap(spec) -> dict:
-    from dagfactory.workspace import checkout, code_dir_of, requirements_of, resolve_commit
-    from dagfactory.workspace import virtualenv as make_virtualenv
+    from dagfactory.run.workspace import checkout, code_dir_of, requirements_of, resolve_commit
+    from dagfactory.run.workspace import virtualenv as make_virtualenv
 
     t0 = time.perf_counter()
     commit = resolve_commit(spec)
@@ -43,7 +43,7 @@ def cluster(spec, workers: int, repeats: int) -> dict:
 
     from dagfactory.backends import ClusterContext, ClusterHandle, get_backend
     from dagfactory.backends.local import processes_of
-    from dagfactory.workspace import prepare, resolve_commit
+    from dagfactory.run.workspace import prepare, resolve_commit
 
     workspace = prepare(spec, resolve_commit(spec))
     backend = get_backend("local")
@@ -116,8 +116,8 @@ def first_line(spec, repeats: int) -> dict:
     import os
 
     from dagfactory.backends import ClusterContext, get_backend
-    from dagfactory.runner import run_entrypoint
-    from dagfactory.workspace import prepare, resolve_commit
+    from dagfactory.run.runner import run_entrypoint
+    from dagfactory.run.workspace import prepare, resolve_commit
 
     workspace = prepare(spec, resolve_commit(spec))
     backend = get_backend("local")
@@ -150,7 +150,7 @@ def first_line(spec, repeats: int) -> dict:
 def main() -> int:
     what, pipeline, result_file = sys.argv[1:4]
     t0 = time.perf_counter()
-    from dagfactory.load import load_file
+    from dagfactory.spec.load import load_file
 
     spec = load_file(pipeline)
     imports = time.perf_counter() - t0

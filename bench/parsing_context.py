@@ -43,7 +43,7 @@ from pathlib import Path
 
 from airflow.sdk import get_parsing_context
 
-from dagfactory.build import build_dags
+from dagfactory.dag.build import build_dags
 
 _started = time.perf_counter()
 _dags = build_dags({pipelines!r})

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dagfactory.errors import DagfactoryError, SpecError, SpecProblem
-from dagfactory.load import (
+from dagfactory.spec.load import (
     DEFAULTS_FILE,
     SUFFIXES,
     Defaults,
@@ -35,7 +35,7 @@ from dagfactory.load import (
     selected_profile,
     shown_folder,
 )
-from dagfactory.spec import PipelineSpec
+from dagfactory.spec.pipeline import PipelineSpec
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -162,7 +162,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from dagfactory.schema import installed_schema_path, schema_text
+    from dagfactory.spec.schema import installed_schema_path, schema_text
 
     if args.path:
         print(installed_schema_path())
@@ -204,7 +204,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from dagfactory.command_run import run_pipeline
+    from dagfactory.run.command import run_pipeline
 
     spec = _load_one(args.file, args.profile)
     return run_pipeline(spec, args.param or [], worktree=args.worktree)
@@ -245,7 +245,7 @@ cluster:
 
 def cmd_new(args: argparse.Namespace) -> int:
     """Write a commented pipeline file that validates as it is, and that editors check."""
-    from dagfactory.schema import locate_schema, write_schema
+    from dagfactory.spec.schema import locate_schema, write_schema
 
     folder = Path(args.dir)
     target = folder / f"{args.name}.yml"
@@ -283,7 +283,7 @@ def cmd_new(args: argparse.Namespace) -> int:
 def cmd_teardown(args: argparse.Namespace) -> int:
     """Stop one run's cluster by its run id (or key), from any host: what the teardown task
     does, for a run whose teardown never ran (a SIGKILLed `dagfactory run`, a lost host)."""
-    from dagfactory import steps
+    from dagfactory.run import steps
 
     spec = _load_one(args.file, args.profile)
     key = args.key or steps.run_key(spec.dag_id, args.run_id)
@@ -295,7 +295,7 @@ def cmd_teardown(args: argparse.Namespace) -> int:
 
 def cmd_clusters(args: argparse.Namespace) -> int:
     """List this home's clusters on this host; stop one or all of them through their backend."""
-    from dagfactory import census
+    from dagfactory.backends import census
 
     if args.stop or args.stop_all:
         if args.stop_all:
@@ -327,7 +327,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     """Remove checkouts, virtualenvs and git mirrors no run has used for --days days."""
     import time
 
-    from dagfactory.prune import prune, report_lines
+    from dagfactory.run.prune import prune, report_lines
 
     now = time.time()
     report = prune(args.days, dry_run=args.dry_run, now=now)

@@ -6,6 +6,6 @@ imports this module; every DAG it defines is a module-level global.
 
 from pathlib import Path
 
-from dagfactory.build import build_dags
+from dagfactory.dag.build import build_dags
 
 globals().update(build_dags(Path(__file__).resolve().parent.parent / "pipelines"))

@@ -23,11 +23,11 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dagfactory.build import asset, build_dag
-from dagfactory.checks import asset_uri_problem
+from dagfactory.dag.build import asset, build_dag
 from dagfactory.errors import SpecError
-from dagfactory.load import load_file
-from dagfactory.schema import editor_schema, pipeline_schema
+from dagfactory.spec.checks import asset_uri_problem
+from dagfactory.spec.load import load_file
+from dagfactory.spec.schema import editor_schema, pipeline_schema
 from tests.conftest import make_repo, write_pipeline
 from tests.test_build import _SERIALIZE
 from tests.test_validate_properties import SETTINGS, _check_load, mutations, values
@@ -469,7 +469,7 @@ def test_an_upstream_runs_asset_event_starts_the_downstream_pipeline(tmp_path):
 
 @pytest.mark.e2e
 def test_the_editor_completes_the_schedule_mapping_and_flags_bad_uris(tmp_path):
-    from dagfactory.schema import schema_text
+    from dagfactory.spec.schema import schema_text
     from tests.test_editor import SCHEMA_LINE, LanguageServer, _server_command
 
     (tmp_path / "schemas").mkdir()

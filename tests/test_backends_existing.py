@@ -10,10 +10,8 @@ import pytest
 from dagfactory.backends import ClusterContext
 from dagfactory.backends.existing import ExistingBackend
 from dagfactory.errors import ClusterError
-from dagfactory.load import load_file
-from dagfactory.runner import run_entrypoint
-from dagfactory.spec import ClusterSpec
-from dagfactory.workspace import (
+from dagfactory.run.runner import run_entrypoint
+from dagfactory.run.workspace import (
     checkout,
     code_dir_of,
     prepare,
@@ -21,6 +19,8 @@ from dagfactory.workspace import (
     resolve_commit,
     virtualenv,
 )
+from dagfactory.spec.load import load_file
+from dagfactory.spec.pipeline import ClusterSpec
 from tests.conftest import make_repo, write_pipeline
 
 pytestmark = pytest.mark.e2e

@@ -13,8 +13,8 @@ import pytest
 from dagfactory.backends import ClusterContext, ClusterHandle, backend_names, get_backend
 from dagfactory.backends.local import cluster_dir, processes_of
 from dagfactory.errors import ClusterError
-from dagfactory.spec import AdaptiveSpec, ClusterSpec
-from dagfactory.workspace import virtualenv
+from dagfactory.run.workspace import virtualenv
+from dagfactory.spec.pipeline import AdaptiveSpec, ClusterSpec
 from tests.conftest import cluster_processes
 
 pytestmark = pytest.mark.e2e

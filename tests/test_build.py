@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from dagfactory.build import INVALID_TAG, build_dag
-from dagfactory.load import load_file
+from dagfactory.dag.build import INVALID_TAG, build_dag
+from dagfactory.spec.load import load_file
 from tests.conftest import ROOT, write_pipeline
 
 SPEC = """
@@ -102,8 +102,8 @@ def test_invalid_file_becomes_a_marked_dag_and_valid_ones_still_load(pipelines):
 
 _SERIALIZE = """
 import json, sys
-from dagfactory.build import build_dag
-from dagfactory.load import load_file
+from dagfactory.dag.build import build_dag
+from dagfactory.spec.load import load_file
 from airflow.serialization.serialized_objects import DagSerialization
 dag = build_dag(load_file(sys.argv[1]))
 print(json.dumps(DagSerialization.to_dict(dag), sort_keys=True))
@@ -200,7 +200,7 @@ def test_a_pipelines_folder_serializes_byte_identically_under_any_hash_seed(tmp_
 
 
 def test_parsing_context_builds_only_the_dag_being_run(pipelines, monkeypatch):
-    from dagfactory.build import build_dags
+    from dagfactory.dag.build import build_dags
 
     monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", "job_1")
     monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_TASK_ID", "pipeline.run")
@@ -209,7 +209,7 @@ def test_parsing_context_builds_only_the_dag_being_run(pipelines, monkeypatch):
 
 
 def test_a_file_repeating_another_files_dag_id_is_shown_under_a_marked_name(tmp_path):
-    from dagfactory.build import build_dags
+    from dagfactory.dag.build import build_dags
 
     write_pipeline(tmp_path, "a", "dag_id: b\nsource: {git: x}\nentrypoint: a.b:c\n")
     write_pipeline(tmp_path, "b", "source: {git: x}\nentrypoint: a.b:c\n")
@@ -220,7 +220,7 @@ def test_a_file_repeating_another_files_dag_id_is_shown_under_a_marked_name(tmp_
 
 
 def test_a_spec_that_fails_to_build_does_not_take_the_others_down(tmp_path, monkeypatch):
-    from dagfactory import build
+    from dagfactory.dag import build
 
     write_pipeline(tmp_path, "fine", "source: {git: x}\nentrypoint: a.b:c\n")
     write_pipeline(tmp_path, "boom", "source: {git: x}\nentrypoint: a.b:c\n")

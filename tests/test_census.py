@@ -8,12 +8,11 @@ import sys
 import psutil
 import pytest
 
-from dagfactory import census
-from dagfactory.backends import ClusterContext, ClusterHandle
+from dagfactory.backends import ClusterContext, ClusterHandle, census
 from dagfactory.backends.local import KEY_VARIABLE, LocalBackend, cluster_dir
 from dagfactory.cli import main
-from dagfactory.spec import ClusterSpec
-from dagfactory.workspace import virtualenv
+from dagfactory.run.workspace import virtualenv
+from dagfactory.spec.pipeline import ClusterSpec
 
 
 @pytest.fixture(scope="module")

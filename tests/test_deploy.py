@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from dagfactory.spec import ClusterSpec
+from dagfactory.spec.pipeline import ClusterSpec
 from tests import topology
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from dagfactory.schema import schema_text
+from dagfactory.spec.schema import schema_text
 from tests.conftest import ROOT
 
 SERVER = ROOT / ".tools" / "node_modules" / "yaml-language-server" / "bin" / "yaml-language-server"

@@ -54,8 +54,8 @@ def test_the_editor_schema_accepts_the_example():
 
 
 def test_the_example_makes_the_dag_the_readme_draws():
-    from dagfactory.build import build_dag
-    from dagfactory.load import load_file
+    from dagfactory.dag.build import build_dag
+    from dagfactory.spec.load import load_file
 
     dag = build_dag(load_file(EXAMPLE))
     # bootstrap (the commit and virtualenv every task uses) is left out: it comes first

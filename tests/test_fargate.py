@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from dagfactory import steps
 from dagfactory.backends.fargate import run_id
 from dagfactory.errors import ClusterError
-from dagfactory.load import load_files
+from dagfactory.run import steps
+from dagfactory.spec.load import load_files
 from tests.aws_fake import fake_aws
 from tests.conftest import FAILING_JOB, ROOT, write_pipeline
 

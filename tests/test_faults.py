@@ -426,7 +426,7 @@ def test_two_runs_of_one_pipeline_at_once_get_separate_clusters(services):
 def test_two_pipelines_bootstrapping_one_commit_at_once_share_one_cache_entry(
     services, same_commit_repo
 ):
-    from dagfactory.workspace import dagfactory_home
+    from dagfactory.run.workspace import dagfactory_home
 
     repo, marker = same_commit_repo
     runs = {d: services.trigger(d, _run_id(d)) for d in ("faults_commit_a", "faults_commit_b")}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from dagfactory.schema import schema_text
+from dagfactory.spec.schema import schema_text
 from tests.conftest import ROOT
 
 UV = Path(sys.executable).parent / "uv"

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from dagfactory.errors import SpecError
-from dagfactory.load import load_file, load_folder
+from dagfactory.spec.load import load_file, load_folder
 from tests.conftest import ROOT, write_pipeline
 
 MINIMAL = """\
@@ -87,7 +87,7 @@ def test_a_defaults_file_is_checked_at_its_own_lines_and_may_not_set_a_dag_id(tm
 
 
 def test_a_bug_in_a_check_becomes_a_problem_of_that_file_only(tmp_path, monkeypatch):
-    import dagfactory.load
+    import dagfactory.spec.load
 
     write_pipeline(tmp_path, "good", MINIMAL)
     write_pipeline(tmp_path, "trips", MINIMAL + "description: trips the bug\n")
@@ -97,7 +97,7 @@ def test_a_bug_in_a_check_becomes_a_problem_of_that_file_only(tmp_path, monkeypa
             raise KeyError("oops")
         return iter(())
 
-    monkeypatch.setattr(dagfactory.load, "check_spec", buggy)
+    monkeypatch.setattr(dagfactory.spec.load, "check_spec", buggy)
     result = load_folder(tmp_path)
     assert [s.dag_id for s in result.specs] == ["good"]
     (problem,) = result.problems
@@ -111,7 +111,12 @@ def test_duration_and_size_patterns_accept_what_dask_reads_and_nothing_else():
 
     from dask.utils import byte_sizes, parse_bytes, parse_timedelta, timedelta_sizes
 
-    from dagfactory.spec import DURATION_PATTERN, DURATION_UNITS, SIZE_PATTERN, parse_duration
+    from dagfactory.spec.pipeline import (
+        DURATION_PATTERN,
+        DURATION_UNITS,
+        SIZE_PATTERN,
+        parse_duration,
+    )
 
     sub_millisecond = {"ns", "nanosecond", "nanoseconds", "us", "microsecond", "microseconds"}
     for unit in timedelta_sizes:

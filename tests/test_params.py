@@ -3,8 +3,8 @@
 import pytest
 
 from dagfactory.errors import ParamError, SpecError
-from dagfactory.load import load_file
-from dagfactory.params import check_values, json_schema, parse_text
+from dagfactory.spec.load import load_file
+from dagfactory.spec.params import check_values, json_schema, parse_text
 from tests.conftest import write_pipeline
 
 PIPELINE = """
@@ -135,7 +135,7 @@ def test_schema_errors_and_rule_errors_are_reported_in_one_pass(tmp_path):
 
 
 def test_a_long_form_list_default_is_an_array(tmp_path):
-    from dagfactory.load import load_file
+    from dagfactory.spec.load import load_file
     from tests.conftest import write_pipeline
 
     path = write_pipeline(

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from dagfactory.build import INVALID_TAG
-from dagfactory.load import Profile, load_folder
+from dagfactory.dag.build import INVALID_TAG
+from dagfactory.spec.load import Profile, load_folder
 from tests.conftest import write_pipeline
 
 JOB = """\
@@ -126,7 +126,7 @@ def test_a_profile_merges_over_its_own_defaults_file_outer_then_inner_then_the_f
 
 
 def test_the_profile_comes_from_the_environment_in_airflow(tree, monkeypatch):
-    from dagfactory.build import build_dags
+    from dagfactory.dag.build import build_dags
 
     monkeypatch.setenv("DAGFACTORY_PROFILE", "prod")
     dags = build_dags(tree)
@@ -139,7 +139,7 @@ def test_the_profile_comes_from_the_environment_in_airflow(tree, monkeypatch):
 def test_an_unknown_profile_makes_every_pipeline_it_affects_invalid_and_names_the_profiles(
     tree, monkeypatch
 ):
-    from dagfactory.build import build_dags
+    from dagfactory.dag.build import build_dags
 
     result = load_folder(tree, profile=Profile("prd", "DAGFACTORY_PROFILE"))
     assert result.specs == ()
@@ -196,7 +196,7 @@ def test_a_broken_inner_defaults_file_hides_only_its_subtree(tree):
 
 
 def test_a_broken_inner_defaults_file_in_airflow_marks_its_pipelines_and_keeps_the_rest(tree):
-    from dagfactory.build import build_dags
+    from dagfactory.dag.build import build_dags
 
     (tree / "team" / "defaults.yml").write_text("cluster: {workers: 0}\n")
     (tree / "other" / "defaults.yml").write_text("retries: many\n")
@@ -247,20 +247,20 @@ def _serialized(dag) -> str:
 def test_parsing_context_builds_a_subfolder_pipeline_from_its_defaults_files_only(
     tree, monkeypatch
 ):
-    import dagfactory.load
-    from dagfactory.build import build_dags
+    import dagfactory.spec.load
+    from dagfactory.dag.build import build_dags
 
     monkeypatch.setenv("DAGFACTORY_PROFILE", "prod")
     full = build_dags(tree)["nested"]
     (tree / "other" / "defaults.yml").write_text("not: [valid")  # not on the path: never read
     read: list[Path] = []
-    real = dagfactory.load.read_defaults_file
+    real = dagfactory.spec.load.read_defaults_file
 
     def recorded(folder, shown_as=None):
         read.append(folder)
         return real(folder, shown_as)
 
-    monkeypatch.setattr(dagfactory.load, "read_defaults_file", recorded)
+    monkeypatch.setattr(dagfactory.spec.load, "read_defaults_file", recorded)
     monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", "nested")
     monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_TASK_ID", "pipeline.run")
     dags = build_dags(tree)
@@ -273,7 +273,7 @@ def test_parsing_context_builds_a_subfolder_pipeline_from_its_defaults_files_onl
 def test_parsing_context_never_picks_the_wrong_one_of_two_files_of_the_same_name(
     tmp_path, monkeypatch
 ):
-    from dagfactory.build import build_dags
+    from dagfactory.dag.build import build_dags
 
     for team in ("team_a", "team_b"):
         write_pipeline(tmp_path / team, "job", JOB + f"description: from {team}\n")
@@ -312,7 +312,7 @@ def test_render_of_one_file_applies_the_defaults_files_airflow_applies(tree, pro
 
 
 def test_outside_a_pipelines_folder_the_pipelines_dir_variable_sets_the_top(tmp_path, monkeypatch):
-    from dagfactory.build import build_dags
+    from dagfactory.dag.build import build_dags
 
     root = tmp_path / "specs"
     (root / "team").mkdir(parents=True)

@@ -8,9 +8,9 @@ import time
 import pytest
 
 from dagfactory.cli import main
-from dagfactory.load import load_file
-from dagfactory.prune import cache_entries, disk_usage, prune
-from dagfactory.workspace import checkout, dagfactory_home, prepare, virtualenv
+from dagfactory.run.prune import cache_entries, disk_usage, prune
+from dagfactory.run.workspace import checkout, dagfactory_home, prepare, virtualenv
+from dagfactory.spec.load import load_file
 from tests.conftest import write_pipeline
 
 DAY = 86400

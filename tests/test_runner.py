@@ -10,10 +10,10 @@ import pytest
 from dagfactory.backends import ClusterContext, get_backend
 from dagfactory.backends.local import processes_of
 from dagfactory.errors import EntrypointError
-from dagfactory.load import load_file
-from dagfactory.runner import check_entrypoint, run_entrypoint
-from dagfactory.spec import ClusterSpec
-from dagfactory.workspace import prepare, resolve_commit
+from dagfactory.run.runner import check_entrypoint, run_entrypoint
+from dagfactory.run.workspace import prepare, resolve_commit
+from dagfactory.spec.load import load_file
+from dagfactory.spec.pipeline import ClusterSpec
 from tests.conftest import ROOT, write_pipeline
 
 pytestmark = pytest.mark.e2e
@@ -231,8 +231,8 @@ ORPHAN_CHILD = """
 import sys
 from pathlib import Path
 
-from dagfactory.runner import run_entrypoint
-from dagfactory.workspace import Workspace
+from dagfactory.run.runner import run_entrypoint
+from dagfactory.run.workspace import Workspace
 
 commit, code_dir, venv_dir, address, key = sys.argv[1:]
 workspace = Workspace(commit, Path(code_dir), Path(venv_dir))

@@ -7,7 +7,7 @@ import jsonschema
 
 from dagfactory.backends import BUILTIN
 from dagfactory.cli import main
-from dagfactory.schema import (
+from dagfactory.spec.schema import (
     editor_schema,
     installed_schema_path,
     locate_schema,
@@ -191,4 +191,4 @@ def test_every_field_an_editor_can_complete_has_examples():
         if "$ref" not in prop and prop.get("type") != "boolean"
         if not (prop.get("examples") or prop.get("enum"))
     ]
-    assert missing == [], "add examples= to these fields in dagfactory/spec.py"
+    assert missing == [], "add examples= to these fields in dagfactory/spec/pipeline.py"

@@ -18,8 +18,8 @@ from urllib.parse import quote
 import pytest
 
 from dagfactory.errors import WorkspaceError
-from dagfactory.load import load_file
-from dagfactory.workspace import Credentials, checkout, dagfactory_home, resolve_commit
+from dagfactory.run.workspace import Credentials, checkout, dagfactory_home, resolve_commit
+from dagfactory.spec.load import load_file
 from tests.conftest import EXAMPLE, make_repo, write_pipeline
 from tests.gitserver import http_git_server, keygen, ssh_git_server
 

@@ -9,10 +9,10 @@ import sys
 import jinja2
 import pytest
 
-from dagfactory.build import build_dag
+from dagfactory.dag.build import build_dag
 from dagfactory.errors import ParamError, SpecError
-from dagfactory.load import load_file
-from dagfactory.params import render_step_params
+from dagfactory.spec.load import load_file
+from dagfactory.spec.params import render_step_params
 from tests.conftest import ROOT, cluster_processes, write_pipeline
 
 THREE_STAGES = """
@@ -294,8 +294,8 @@ def test_steps_that_find_their_cluster_lost_at_once_start_one_replacement(runnab
     import signal
     from concurrent.futures import ThreadPoolExecutor
 
-    from dagfactory import steps
     from dagfactory.backends import ClusterHandle, get_backend
+    from dagfactory.run import steps
 
     spec = load_file(runnable).for_stage("prepare")
     boot = steps.bootstrap(spec)

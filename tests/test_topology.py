@@ -69,7 +69,7 @@ class Topology:
 def _warm_package_cache() -> None:
     """Build the pipelines' virtualenv once here, where the package index is reachable: the
     hosts then install the same requirements from uv's cache alone."""
-    from dagfactory.workspace import BASE_REQUIREMENTS, virtualenv
+    from dagfactory.run.workspace import BASE_REQUIREMENTS, virtualenv
 
     lines = (EXAMPLE / "requirements.txt").read_text().splitlines()
     virtualenv([*BASE_REQUIREMENTS, *(line.strip() for line in lines if line.strip())])

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from dagfactory.errors import SpecError
-from dagfactory.load import load_file, load_folder, pipeline_files
-from dagfactory.yamlfile import MAX_FILE_BYTES
+from dagfactory.spec.load import load_file, load_folder, pipeline_files
+from dagfactory.spec.yamlfile import MAX_FILE_BYTES
 from tests.conftest import ROOT, write_pipeline
 from tests.test_cli import dagfactory
 
@@ -290,7 +290,7 @@ def test_a_mixed_folder_loads_every_good_dag_and_shows_every_bad_file(tmp_path, 
 
     from airflow.dag_processing.dagbag import DagBag
 
-    from dagfactory.build import INVALID_TAG
+    from dagfactory.dag.build import INVALID_TAG
 
     folder = tmp_path / "pipelines"
     folder.mkdir()

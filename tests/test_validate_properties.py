@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dagfactory import cli
-from dagfactory.build import build_dag
+from dagfactory.dag.build import build_dag
 from dagfactory.errors import SpecError
-from dagfactory.load import load_file
+from dagfactory.spec.load import load_file
 from tests.conftest import ROOT
 from tests.test_cli import dagfactory
 

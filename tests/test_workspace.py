@@ -9,8 +9,7 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 
 from dagfactory.errors import WorkspaceError
-from dagfactory.load import load_file
-from dagfactory.workspace import (
+from dagfactory.run.workspace import (
     checkout,
     dagfactory_home,
     prepare,
@@ -18,6 +17,7 @@ from dagfactory.workspace import (
     resolve_commit,
     virtualenv,
 )
+from dagfactory.spec.load import load_file
 from tests.conftest import git, write_pipeline
 
 
@@ -156,8 +156,8 @@ _NO_GIT = textwrap.dedent(
     """
     import shutil, sys
     assert shutil.which("git") is None, "git is still on PATH"
-    from dagfactory.load import load_file
-    from dagfactory.workspace import checkout, resolve_commit
+    from dagfactory.spec.load import load_file
+    from dagfactory.run.workspace import checkout, resolve_commit
     spec = load_file(sys.argv[1])
     root = checkout(spec, resolve_commit(spec))
     print((root / "job.py").read_text())
@@ -254,7 +254,7 @@ def test_a_second_commit_is_fetched_next_to_the_first(tmp_path, repo_factory, mo
 
 
 def test_http_errors_say_what_to_do_and_hold_no_secret(tmp_path, repo_factory, monkeypatch):
-    from dagfactory.workspace import Credentials
+    from dagfactory.run.workspace import Credentials
     from tests.gitserver import free_port, http_git_server
 
     repo = repo_factory(files={"job.py": "X = 1\n"})
@@ -353,7 +353,7 @@ def test_credentials_from_a_uri_or_airflow_json_and_a_secret_free_repr(monkeypat
     import json
     from urllib.parse import quote
 
-    from dagfactory.workspace import Credentials, credentials_from_env
+    from dagfactory.run.workspace import Credentials, credentials_from_env
 
     key = (
         "-----BEGIN OPENSSH PRIVATE KEY-----\n"
@@ -388,7 +388,7 @@ def test_credentials_from_a_uri_or_airflow_json_and_a_secret_free_repr(monkeypat
 
 
 def test_local_changes_lists_what_a_commit_run_would_miss(tmp_path, repo_factory):
-    from dagfactory.workspace import local_changes
+    from dagfactory.run.workspace import local_changes
 
     repo = repo_factory(
         files={
@@ -421,7 +421,7 @@ def test_local_changes_lists_what_a_commit_run_would_miss(tmp_path, repo_factory
 
 @pytest.mark.e2e
 def test_prepare_worktree_runs_the_working_tree_as_it_is(tmp_path, repo_factory):
-    from dagfactory.workspace import prepare_worktree
+    from dagfactory.run.workspace import prepare_worktree
 
     repo = repo_factory(files={"sub/job.py": "X = 'committed'\n"})
     repo.write("sub/job.py", "X = 'uncommitted'\n")

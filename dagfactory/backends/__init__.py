@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from dagfactory.errors import ClusterError
-from dagfactory.spec import ClusterSpec
+from dagfactory.spec.pipeline import ClusterSpec
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from dagfactory.backends import ClusterContext, ClusterHandle, scheduler_answers
 from dagfactory.errors import ClusterError
-from dagfactory.spec import ClusterSpec
+from dagfactory.spec.pipeline import ClusterSpec
 
 CONNECT_TIMEOUT = 10.0
 

@@ -43,7 +43,7 @@ from typing import Any
 
 from dagfactory.backends import ClusterContext, ClusterHandle, scheduler_answers
 from dagfactory.errors import ClusterError
-from dagfactory.spec import ClusterSpec, parse_duration, parse_size
+from dagfactory.spec.pipeline import ClusterSpec, parse_duration, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ class FargateBackend:
         task_role = _role_arn(aws, spec.task_role) if spec.task_role else None
         packages = []
         if context.python:
-            from dagfactory.workspace import pipeline_packages
+            from dagfactory.run.workspace import pipeline_packages
 
             packages = pipeline_packages(Path(context.python).parent.parent)
         idle = int(parse_duration(spec.idle_timeout).total_seconds())

@@ -32,8 +32,8 @@ from dagfactory.backends import (
     shut_down_scheduler,
 )
 from dagfactory.errors import ClusterError
-from dagfactory.spec import ClusterSpec, parse_duration, parse_size
-from dagfactory.workspace import dagfactory_home
+from dagfactory.run.workspace import dagfactory_home
+from dagfactory.spec.pipeline import ClusterSpec, parse_duration, parse_size
 
 log = logging.getLogger(__name__)
 

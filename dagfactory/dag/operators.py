@@ -12,15 +12,15 @@ from typing import Any
 
 from airflow.sdk import BaseOperator, BaseOperatorLink
 
-from dagfactory.spec import PipelineSpec, StepSpec
-from dagfactory.workspace import Credentials
+from dagfactory.run.workspace import Credentials
+from dagfactory.spec.pipeline import PipelineSpec, StepSpec
 
 log = logging.getLogger(__name__)
 
 
 def run_key(context: Any) -> str:
     """Unique per DAG run; names the run's clusters so any later task can find them."""
-    from dagfactory.steps import run_key
+    from dagfactory.run.steps import run_key
 
     return run_key(context["dag"].dag_id, context["run_id"])
 
@@ -99,7 +99,7 @@ class _PipelineOperator(BaseOperator):
         self.results = results or {}  # step name -> task id, for {{ steps.<name> }}
 
     def cluster_key(self, context: Any) -> str:
-        from dagfactory.steps import stage_key
+        from dagfactory.run.steps import stage_key
 
         return stage_key(run_key(context), self.stage)
 
@@ -119,8 +119,8 @@ class BootstrapOperator(_PipelineOperator):
     """Check the run's params; pin the git ref to one commit; prepare checkout and virtualenv."""
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from dagfactory import steps
-        from dagfactory.params import check_values
+        from dagfactory.run import steps
+        from dagfactory.spec.params import check_values
 
         # Airflow checks values against each param's schema when a run is triggered, but keeps
         # quiet about conf keys that are no param; refuse those too, before anything starts,
@@ -139,7 +139,7 @@ class ClusterUpOperator(_PipelineOperator):
     cluster_handle: dict[str, Any] | None = None
 
     def execute(self, context: Any) -> dict[str, Any] | None:
-        from dagfactory import steps
+        from dagfactory.run import steps
 
         spec = self.stage_spec()
         if spec.cluster.pool:
@@ -173,7 +173,7 @@ class RunOperator(_PipelineOperator):
     cluster_handle: dict[str, Any] | None = None
 
     def execute(self, context: Any) -> Any:
-        from dagfactory import steps
+        from dagfactory.run import steps
 
         spec = self.stage_spec()
         key = self.cluster_key(context)
@@ -208,7 +208,7 @@ class RunOperator(_PipelineOperator):
         rendered = self.render_template(declared, context)
         if self.step is None:
             return rendered
-        from dagfactory.params import render_step_params
+        from dagfactory.spec.params import render_step_params
 
         results = {
             name: context["ti"].xcom_pull(task_ids=task_id)
@@ -226,7 +226,7 @@ class TeardownOperator(_PipelineOperator):
     ui_color = "#fadbd8"
 
     def execute(self, context: Any) -> None:
-        from dagfactory import steps
+        from dagfactory.run import steps
 
         ti = context["ti"]
         replacements = [ti.xcom_pull(task_ids=t, key=REPLACEMENT_KEY) for t in self.earlier]
@@ -242,7 +242,7 @@ def release_cluster(spec: PipelineSpec, context: Any) -> None:
     fails a run whose task lost its supervisor only after the heartbeat timeout; this gets the
     cluster stopped then, not after its idle timeout. It runs in the DAG processor.
     """
-    from dagfactory import steps
+    from dagfactory.run import steps
 
     key = run_key(context)
     try:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dagfactory.errors import ParamError
-from dagfactory.spec import ParamSpec
+from dagfactory.spec.pipeline import ParamSpec
 
 _TYPE_OF = ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"))
 _TYPE_WORDS = {

@@ -24,7 +24,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from dagfactory.spec import (
+from dagfactory.spec.pipeline import (
     ASSET_URI_PATTERN,
     DAG_ID_PATTERN,
     DURATION_PATTERN,

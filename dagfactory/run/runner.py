@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dagfactory.errors import EntrypointError
-from dagfactory.workspace import Workspace
+from dagfactory.run.workspace import Workspace
 
 SHIM = Path(__file__).with_name("entry_shim.py")
 # Variables of the host interpreter that would make the pipeline's interpreter load the wrong

@@ -22,8 +22,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from dagfactory.errors import DagfactoryError, ParamError
-from dagfactory.params import check_values, parse_text
-from dagfactory.spec import PipelineSpec, StepSpec, parse_duration
+from dagfactory.spec.params import check_values, parse_text
+from dagfactory.spec.pipeline import PipelineSpec, StepSpec, parse_duration
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -170,8 +170,8 @@ def time_limit(seconds: float | None) -> Iterator[None]:
 
 def run_pipeline(spec: PipelineSpec, overrides: list[str], worktree: bool = False) -> int:
     """Run the pipeline end to end here; returns the exit status. Prints its JSON result."""
-    from dagfactory import steps
-    from dagfactory.workspace import credentials_from_env
+    from dagfactory.run import steps
+    from dagfactory.run.workspace import credentials_from_env
 
     term = Terminal()
     params = parse_overrides(spec, overrides)
@@ -217,7 +217,7 @@ def run_pipeline(spec: PipelineSpec, overrides: list[str], worktree: bool = Fals
 def _teardown(
     spec: PipelineSpec, stage: str | None, key: str, handles: list[dict[str, Any]], step: Any
 ) -> None:
-    from dagfactory import steps
+    from dagfactory.run import steps
 
     if not handles:
         return
@@ -241,8 +241,8 @@ def _run_stages(
     {step: result}."""
     import jinja2
 
-    from dagfactory import steps
-    from dagfactory.params import render_step_params
+    from dagfactory.run import steps
+    from dagfactory.spec.params import render_step_params
 
     env = jinja2.Environment(undefined=jinja2.StrictUndefined)
     results: dict[str, Any] = {}
@@ -271,7 +271,7 @@ def _run_stages(
 
 
 def _bootstrap(spec: PipelineSpec, credentials: Any, term: Terminal, worktree: bool) -> dict:
-    from dagfactory import steps
+    from dagfactory.run import steps
 
     if worktree:
         return steps.bootstrap_worktree(spec, term.err)
@@ -303,7 +303,7 @@ def _run_with_retries(
 ) -> Any:
     """A run task (or a stage's step) with Airflow's retry semantics: each try ensures its
     cluster first."""
-    from dagfactory import steps
+    from dagfactory.run import steps
 
     limit = (step_spec.timeout if step_spec else None) or spec.timeout
     timeout = parse_duration(limit).total_seconds() if limit else None

@@ -23,7 +23,7 @@ import psutil
 from dagfactory.backends import ClusterHandle, get_backend, scheduler_answers
 from dagfactory.backends.local import KEY_VARIABLE, processes_of
 from dagfactory.errors import ClusterError
-from dagfactory.workspace import dagfactory_home
+from dagfactory.run.workspace import dagfactory_home
 
 RUNNING = "running"
 """Processes live, and the scheduler answers on its address."""

@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from dagfactory.backends import ClusterContext, ClusterHandle, get_backend
-from dagfactory.runner import check_entrypoint, run_entrypoint
-from dagfactory.spec import PipelineSpec
-from dagfactory.workspace import Credentials, Workspace, checkout_dir, prepare, resolve_commit
+from dagfactory.run.runner import check_entrypoint, run_entrypoint
+from dagfactory.run.workspace import Credentials, Workspace, checkout_dir, prepare, resolve_commit
+from dagfactory.spec.pipeline import PipelineSpec
 
 log = logging.getLogger(__name__)
 Output = Callable[[str], None]
@@ -55,7 +55,7 @@ def bootstrap(
 
 def bootstrap_worktree(spec: PipelineSpec, output: Output = log.info) -> dict[str, Any]:
     """Like bootstrap, for the working tree of a local repository as it is (`run --worktree`)."""
-    from dagfactory.workspace import prepare_worktree
+    from dagfactory.run.workspace import prepare_worktree
 
     pins = _pins(spec)
     workspace = prepare_worktree(spec, output, pins=pins)
@@ -67,7 +67,7 @@ def bootstrap_worktree(spec: PipelineSpec, output: Output = log.info) -> dict[st
 
 def local_changes(spec: PipelineSpec) -> list[str]:
     """Uncommitted changes of a local repository that a run of its commit would not see."""
-    from dagfactory.workspace import local_changes
+    from dagfactory.run.workspace import local_changes
 
     return local_changes(spec)
 
@@ -92,7 +92,7 @@ def _workspace(
     spec: PipelineSpec, boot: dict[str, Any], credentials: Credentials | None, output: Output
 ) -> Workspace:
     if boot.get("worktree"):
-        from dagfactory.workspace import prepare_worktree
+        from dagfactory.run.workspace import prepare_worktree
 
         return prepare_worktree(spec, output, pins=boot.get("pins") or {})
     # Cheap when bootstrap ran on this host; a full checkout when it ran on another one.
@@ -160,7 +160,7 @@ def cluster_lock(key: str) -> Iterator[None]:
     """One task at a time starts the cluster of a key, among the tasks of this host."""
     import fcntl
 
-    from dagfactory.workspace import dagfactory_home
+    from dagfactory.run.workspace import dagfactory_home
 
     folder = dagfactory_home() / "locks"
     folder.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 from filelock import FileLock, Timeout
 
-from dagfactory.workspace import _COMPLETE, dagfactory_home
+from dagfactory.run.workspace import _COMPLETE, dagfactory_home
 
 DEFAULT_DAYS = 30.0
 KINDS = {"checkout": "checkouts", "venv": "venvs", "mirror": "repos"}

@@ -28,8 +28,16 @@ from airflow.sdk import (
     get_parsing_context,
 )
 
+from dagfactory.dag.operators import (
+    BootstrapOperator,
+    ClusterUpOperator,
+    InvalidSpecOperator,
+    RunOperator,
+    TeardownOperator,
+    release_cluster,
+)
 from dagfactory.errors import SpecProblem
-from dagfactory.load import (
+from dagfactory.spec.load import (
     PIPELINES_DIR_VARIABLE,
     Defaults,
     Profile,
@@ -38,16 +46,8 @@ from dagfactory.load import (
     load_folder,
     selected_profile,
 )
-from dagfactory.operators import (
-    BootstrapOperator,
-    ClusterUpOperator,
-    InvalidSpecOperator,
-    RunOperator,
-    TeardownOperator,
-    release_cluster,
-)
-from dagfactory.params import json_schema
-from dagfactory.spec import (
+from dagfactory.spec.params import json_schema
+from dagfactory.spec.pipeline import (
     JINJA_EXPRESSION,
     STEP_REFERENCE,
     AssetCondition,

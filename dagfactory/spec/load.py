@@ -26,11 +26,11 @@ from typing import Any, NamedTuple
 import dacite
 import jsonschema
 
-from dagfactory.checks import FieldPath, check_data, check_spec, merge_mappings, stage_cluster
 from dagfactory.errors import SpecError, SpecProblem
-from dagfactory.schema import pipeline_schema
-from dagfactory.spec import PipelineSpec
-from dagfactory.yamlfile import YamlFile, read_yaml
+from dagfactory.spec.checks import FieldPath, check_data, check_spec, merge_mappings, stage_cluster
+from dagfactory.spec.pipeline import PipelineSpec
+from dagfactory.spec.schema import pipeline_schema
+from dagfactory.spec.yamlfile import YamlFile, read_yaml
 
 DEFAULTS_FILE = "defaults.yml"
 SUFFIXES = (".yml", ".yaml")

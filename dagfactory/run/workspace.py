@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 from filelock import FileLock
 
 from dagfactory.errors import WorkspaceError
-from dagfactory.spec import PipelineSpec
+from dagfactory.spec.pipeline import PipelineSpec
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
-from dagfactory.spec import (
+from dagfactory.spec.pipeline import (
     ASSET_URI_MAX_LENGTH,
     JINJA_EXPRESSION,
     PARAM_REFERENCE,
@@ -193,7 +193,7 @@ def _check_backend_fields(path: FieldPath, cluster: dict[str, Any]) -> Iterator[
 
 
 def _check_param_forms(params: dict[str, Any]) -> Iterator[Finding]:
-    from dagfactory.params import is_long_form, param_spec, schema_problems
+    from dagfactory.spec.params import is_long_form, param_spec, schema_problems
 
     for name, value in params.items():
         if not isinstance(name, str):

@@ -703,7 +703,7 @@ class PipelineSpec:
     @property
     def param_specs(self) -> dict[str, ParamSpec]:
         """Every param in its long form, with the type of a plain value filled in."""
-        from dagfactory.params import param_spec
+        from dagfactory.spec.params import param_spec
 
         return {name: param_spec(value) for name, value in self.params.items()}
 
