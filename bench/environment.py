@@ -7,12 +7,16 @@ PyPI (it imports as `dagfactory` too, so it cannot share ours).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 
@@ -126,3 +130,46 @@ def machine_info() -> dict[str, str]:
         "uv": ours["uv"],
         "dag-factory": DAG_FACTORY_VERSION,
     }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def airflow_services(env: dict[str, str], logs: Path) -> Iterator[dict[str, subprocess.Popen]]:
+    """Api-server, scheduler and dag-processor, each in a process group of its own, logging
+    under `logs`; all stopped on exit."""
+    logs.mkdir(parents=True, exist_ok=True)
+    services: dict[str, subprocess.Popen] = {}
+    try:
+        for service in ("api-server", "scheduler", "dag-processor"):
+            with open(logs / f"{service}.log", "w") as out:
+                services[service] = subprocess.Popen(
+                    [PYTHON, "-m", "airflow", service],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+        yield services
+    finally:
+        for popen in services.values():
+            stop_group(popen)
+
+
+def stop_group(popen: subprocess.Popen) -> None:
+    """SIGTERM the process group this benchmark started (by its id), SIGKILL it if it lingers."""
+    if popen.poll() is not None:
+        return
+    try:
+        os.killpg(popen.pid, signal.SIGTERM)
+        popen.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(popen.pid, signal.SIGKILL)
+        popen.wait(timeout=10)
+    except ProcessLookupError:
+        pass

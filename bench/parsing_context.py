@@ -14,16 +14,13 @@ task runner), the parsing context it saw, and how many DAGs the loader built.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from bench import fanout
-from bench.environment import PYTHON, ROOT, WORK, airflow_env
+from bench.environment import PYTHON, ROOT, WORK, airflow_env, airflow_services, free_port
 
 BASE = WORK / "context"
 HOME = WORK / "airflow-context"
@@ -60,12 +57,6 @@ with open({record!r}, "a") as _f:
         "build_s": time.perf_counter() - _started,
     }}) + "\\n")
 '''
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def setup() -> None:
@@ -132,22 +123,9 @@ def under_dags_test(log: Callable[[str], None]) -> dict:
 def under_scheduler(log: Callable[[str], None]) -> dict:
     """Api-server, scheduler, dag-processor (LocalExecutor): trigger one run, record parses."""
     RECORD.unlink(missing_ok=True)
-    port = _free_port()
-    logs = BASE / "services"
-    logs.mkdir(exist_ok=True)
-    services: dict[str, subprocess.Popen] = {}
+    port = free_port()
     started = time.perf_counter()
-    try:
-        for service in ("api-server", "scheduler", "dag-processor"):
-            with open(logs / f"{service}.log", "w") as out:
-                services[service] = subprocess.Popen(
-                    [PYTHON, "-m", "airflow", service],
-                    env=env(port),
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
+    with airflow_services(env(port), BASE / "services"):
         log(f"started api-server (127.0.0.1:{port}), scheduler and dag-processor")
         proc = subprocess.run(
             [PYTHON, str(ROOT / "scripts" / "trigger_and_wait.py"), TARGET, "--timeout", "600"],
@@ -156,11 +134,8 @@ def under_scheduler(log: Callable[[str], None]) -> dict:
             text=True,
             timeout=900,
         )
-        (logs / "trigger_and_wait.log").write_text(proc.stdout + proc.stderr)
-    finally:
-        for popen in services.values():
-            _stop_group(popen)
-        log("stopped api-server, scheduler and dag-processor")
+        (BASE / "services" / "trigger_and_wait.log").write_text(proc.stdout + proc.stderr)
+    log("stopped api-server, scheduler and dag-processor")
     records = _records()
     log(f"scheduler run of {TARGET}: exit {proc.returncode}, {len(records)} parse(s) recorded")
     return {
@@ -169,20 +144,6 @@ def under_scheduler(log: Callable[[str], None]) -> dict:
         "output": proc.stdout[-1500:],
         "parses": records,
     }
-
-
-def _stop_group(popen: subprocess.Popen) -> None:
-    """SIGTERM the process group this benchmark started (by its id), SIGKILL it if it lingers."""
-    if popen.poll() is not None:
-        return
-    try:
-        os.killpg(popen.pid, signal.SIGTERM)
-        popen.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(popen.pid, signal.SIGKILL)
-        popen.wait(timeout=10)
-    except ProcessLookupError:
-        pass
 
 
 def source_findings() -> list[dict]:

@@ -28,8 +28,15 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 
-from bench.environment import PYTHON, ROOT, WORK, airflow_env, machine_info
-from bench.parsing_context import _free_port, _stop_group
+from bench.environment import (
+    PYTHON,
+    ROOT,
+    WORK,
+    airflow_env,
+    airflow_services,
+    free_port,
+    machine_info,
+)
 from bench.stats import summarize
 
 BASE = WORK / "stages"
@@ -145,26 +152,13 @@ def measure(times: dict[str, tuple[float, float]]) -> dict:
 def run(repeats: int, log: Callable[[str], None] = print) -> dict:
     setup()
     HOME.mkdir(parents=True)
-    port = _free_port()
+    port = free_port()
     log(f"airflow db migrate in {HOME}")
     subprocess.run(
         [PYTHON, "-m", "airflow", "db", "migrate"], env=env(port), check=True, capture_output=True
     )
-    logs = BASE / "logs"
-    logs.mkdir()
-    services: dict[str, subprocess.Popen] = {}
     runs: dict[str, list[dict]] = {name: [] for name in PIPELINES_TEXT}
-    try:
-        for service in ("api-server", "scheduler", "dag-processor"):
-            with open(logs / f"{service}.log", "w") as out:
-                services[service] = subprocess.Popen(
-                    [PYTHON, "-m", "airflow", service],
-                    env=env(port),
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
+    with airflow_services(env(port), BASE / "logs"):
         # One unrecorded run first builds the pipeline's virtualenv, for every contender alike.
         for repeat in range(repeats + 1):
             for name in PIPELINES_TEXT:
@@ -172,9 +166,6 @@ def run(repeats: int, log: Callable[[str], None] = print) -> dict:
                 if repeat:
                     runs[name].append(measure(_task_times(name, run_id)))
                     log(f"{name} #{repeat}: {runs[name][-1]}")
-    finally:
-        for popen in services.values():
-            _stop_group(popen)
     return {
         "repeats": repeats,
         "step_seconds": STEP_SECONDS,

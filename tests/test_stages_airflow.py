@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +25,7 @@ from typing import Any
 import psutil
 import pytest
 
+from dagfactory.backends import scheduler_answers
 from tests.airflow_services import FINISHED, AirflowServices, airflow_services
 from tests.conftest import cluster_processes, make_repo, marked_processes, run_key, write_pipeline
 
@@ -417,15 +417,6 @@ def _at(iso: str) -> datetime:
     return datetime.fromisoformat(iso)
 
 
-def _answers(address: str) -> bool:
-    host, port = address.split("://", 1)[1].rsplit(":", 1)
-    try:
-        socket.create_connection((host, int(port)), timeout=2).close()
-    except OSError:
-        return False
-    return True
-
-
 # --- 1. the DAG and the order its tasks ran in ------------------------------------------------
 
 
@@ -607,7 +598,7 @@ def test_a_killed_scheduler_is_replaced_by_the_retry_of_the_step_that_lost_it(ru
     log = _log(services, DAG_ID, run.run_id, "ingest.teardown")
     assert f"cluster {run.key('ingest')} stopped" in log, log
     assert marked_processes(run.key("ingest")) == []
-    assert not _answers(replacement["scheduler_address"])
+    assert not scheduler_answers(replacement["scheduler_address"])
     # the stages after it ran as usual
     assert results["publish"]["total"] == runs.plain.results["publish"]["total"]
 
@@ -620,7 +611,10 @@ def test_no_process_of_any_stage_of_any_run_is_left(runs, services):
     for run in (runs.plain, runs.recovered):
         for stage in STAGES:
             assert marked_processes(run.key(stage)) == [], (run.run_id, stage)
-            assert not _answers(run.handles[stage]["scheduler_address"]), (run.run_id, stage)
+            assert not scheduler_answers(run.handles[stage]["scheduler_address"]), (
+                run.run_id,
+                stage,
+            )
     # the downstream pipeline's runs included
     assert [_described(p) for p in cluster_processes(DAG_ID)] == []
 
