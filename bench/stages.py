@@ -197,8 +197,12 @@ def report(results: dict) -> str:
     def median(name: str, metric: str) -> float:
         return summary[name][metric]["median"]
 
+    def spread(name: str, metric: str) -> str:
+        found = summary[name][metric]
+        return f"{found['median']:.1f} s ({found['low']:.0f}-{found['high']:.0f})"
+
     rows = "\n".join(
-        f"| `{name}` | {median(name, 'wall_s'):.1f} s | {median(name, 'clusters'):.0f} | "
+        f"| `{name}` | {spread(name, 'wall_s')} | {median(name, 'clusters'):.0f} | "
         f"{median(name, 'starting_s'):.1f} s "
         f"({median(name, 'starting_s') / median(name, 'clusters'):.1f} s each) | "
         f"{median(name, 'cluster_s'):.1f} s |"
@@ -221,7 +225,7 @@ numbers do not depend on the CPU share a step gets):
 - `shared`: {STEPS - 1} steps on the cluster of stage `a`, the last on stage `b`'s;
 - `shared_prewarm`: the same, with `prewarm: true` on `b`.
 
-| pipeline | run wall time | clusters started | time starting clusters | cluster-seconds |
+| pipeline | run wall time (min-max) | clusters started | time starting clusters | cluster-seconds |
 |---|---|---|---|---|
 {rows}
 
@@ -235,6 +239,13 @@ Ratios (medians):
   {median(prewarm, "cluster_s") - median(shared, "cluster_s"):+.1f} cluster-seconds: stage `b`'s
   cluster is up while `a`'s last step runs.
 
+Reading it: sharing a stage's cluster saves a cluster start per step and the task hops of its
+cluster_up and teardown, which is what the wall time and the time spent starting clusters show.
+Prewarm saves at most one cluster start per stage: a local cluster starts in a few seconds, in
+the noise of the scheduler's task hops on a loaded 2-core machine (the range in brackets is
+min-max), so it shows no gain here and costs cluster-seconds. It is meant for clusters that
+take minutes to start (Fargate: image pull and package install, typically 1-3 minutes).
+
 Wall time is from the first task's start to the last task's end, so the scheduler's own delays
 between tasks count, as a user waits for them. Cluster-seconds add, per stage, the time from
 its cluster_up's start to its teardown's end.
@@ -244,11 +255,15 @@ its cluster_up's start to its teardown's end.
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.stages")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--report-only", action="store_true", help="render the last results")
     args = parser.parse_args(argv)
-    results = run(args.repeats, lambda text: print(f"[bench {time.strftime('%X')}] {text}"))
-    results["machine"] = machine_info()
-    results["at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    (BASE / "results.json").write_text(json.dumps(results, indent=1))
+    if args.report_only:
+        results = json.loads((BASE / "results.json").read_text())
+    else:
+        results = run(args.repeats, lambda text: print(f"[bench {time.strftime('%X')}] {text}"))
+        results["machine"] = machine_info()
+        results["at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        (BASE / "results.json").write_text(json.dumps(results, indent=1))
     REPORT.write_text(report(results))
     print(f"wrote {REPORT}")
     return 0
