@@ -324,7 +324,8 @@ def cmd_clusters(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    """Remove checkouts, virtualenvs and git mirrors no run has used for --days days."""
+    """Remove checkouts, virtualenvs, git mirrors and Dask performance reports older than --days
+    days."""
     import time
 
     from dagfactory.run.prune import prune, report_lines
@@ -399,7 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--key", help="the run key, as the run's log shows it")
     _profile_option(p)
     p.set_defaults(func=cmd_teardown)
-    p = sub.add_parser("prune", help="remove cached checkouts, virtualenvs, git mirrors unused")
+    p = sub.add_parser(
+        "prune", help="remove cached checkouts, virtualenvs, git mirrors and Dask reports unused"
+    )
     p.add_argument(
         "--days", type=float, default=30, help="not used for this many days (default 30)"
     )

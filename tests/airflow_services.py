@@ -65,6 +65,7 @@ class AirflowServices:
     host: str = "127.0.0.1"
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     _token: str = ""
+    login: tuple[str, str] | None = None  # (user, password); None: every request is an admin
 
     @property
     def url(self) -> str:
@@ -80,11 +81,23 @@ class AirflowServices:
 
     # --- REST API --------------------------------------------------------------------------
 
+    def token(self) -> str:
+        """A JWT for the REST API (and plugins): the login's, or any admin's without one."""
+        request = urllib.request.Request(f"{self.url}/auth/token")
+        if self.login:
+            user, password = self.login
+            request = urllib.request.Request(
+                f"{self.url}/auth/token",
+                data=json.dumps({"username": user, "password": password}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.load(response)["access_token"]
+
     def api(self, method: str, path: str, body: Any = None, missing_ok: bool = False) -> Any:
         """One call of the public REST API (/api/v2/...); None for a 404 when missing_ok."""
         if not self._token:
-            with urllib.request.urlopen(f"{self.url}/auth/token", timeout=120) as response:
-                self._token = json.load(response)["access_token"]
+            self._token = self.token()
         request = urllib.request.Request(
             f"{self.url}/api/v2{path}",
             method=method,
@@ -272,6 +285,7 @@ def airflow_services(
     *,
     host: str = "127.0.0.1",
     database: str | None = None,
+    login: bool = False,
 ) -> Iterator[AirflowServices]:
     """Start the three services on the pipelines folder; stop every one of them on exit.
 
@@ -279,6 +293,8 @@ def airflow_services(
     execution API): a bridge's address when workers run on other hosts (tests/topology.py).
     database: the SQLAlchemy URL of an empty metadata DB to migrate (Postgres), instead of a
     copy of the session's SQLite DB; `task_instance_ids` reads only the SQLite one.
+    login: a real login (an admin user with a password, `services.login`) instead of Airflow's
+    all-admins mode, whose middleware makes every request an admin's, credentials or not.
     """
     home.mkdir(parents=True)
     port = free_port()
@@ -300,6 +316,14 @@ def airflow_services(
         "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
         **(extra_env or {}),
     }
+    credentials = None
+    if login:
+        credentials = ("admin", os.urandom(12).hex())
+        passwords = home / "simple_auth_manager_passwords.json"
+        passwords.write_text(json.dumps({credentials[0]: credentials[1]}))
+        env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"] = "False"
+        env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] = f"{credentials[0]}:admin"
+        env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"] = str(passwords)
     airflow = [sys.executable, "-m", "airflow"]
     if _TEMPLATE.is_file() and database is None:
         with (
@@ -309,7 +333,7 @@ def airflow_services(
             src.backup(dst)
     else:
         subprocess.run([*airflow, "db", "migrate"], env=env, check=True, capture_output=True)
-    services = AirflowServices(home, pipelines, env, port, host)
+    services = AirflowServices(home, pipelines, env, port, host, login=credentials)
     services.logs.mkdir()
     try:
         for name in SERVICES:

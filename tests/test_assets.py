@@ -305,14 +305,15 @@ def test_the_dag_page_says_what_updates_and_what_starts_it(tmp_path):
     doc = _dag(tmp_path, text).doc_md
     assert "| outlets | a successful run updates `s3://acme/sales/` |" in doc
     assert (
-        "| schedule | on `0 3 * * *`, and also when `s3://a/x` and (`s3://a/y` or `s3://a/z`) "
-        "are updated |"
+        "| schedule | every day at 03:00 UTC (`0 3 * * *`), and also when `s3://a/x` and "
+        "(`s3://a/y` or `s3://a/z`) are updated |"
     ) in doc
     single = _dag(tmp_path, "schedule: {assets: [s3://a/x]}\n", "single").doc_md
     assert "| schedule | when `s3://a/x` is updated |" in single
     either = _dag(tmp_path, "schedule: {assets: {any: [s3://a/x, s3://a/y]}}\n", "e").doc_md
     assert "| schedule | when `s3://a/x` or `s3://a/y` is updated |" in either
-    assert "| schedule |" not in _dag(tmp_path, "schedule: '@daily'\n", "daily").doc_md
+    daily = _dag(tmp_path, "schedule: '@daily'\n", "daily").doc_md
+    assert "| schedule | every day at 00:00 UTC (`@daily`) |" in daily
 
 
 def test_same_yaml_gives_the_same_serialized_dag_under_any_hash_seed(tmp_path):

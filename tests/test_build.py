@@ -126,7 +126,11 @@ def test_same_yaml_gives_the_same_serialized_dag_in_two_processes(pipelines):
     assert dag["dag_id"] == "job_0"
     links = {t["__var"]["task_id"]: t["__var"].get("_operator_extra_links") for t in dag["tasks"]}
     assert links["pipeline.cluster_up"] == {"Dask dashboard": "_link_DaskDashboardLink"}
-    assert links["pipeline.run"] == {"Dask dashboard": "_link_DaskDashboardLink"}
+    assert links["pipeline.run"] == {
+        "Dask dashboard": "_link_DaskDashboardLink",
+        "Dask report": "_link_DaskReportLink",
+    }
+    assert links["pipeline.bootstrap"] == {"Commit": "_link_CommitLink"}
 
 
 _SERIALIZE_FOLDER = """
@@ -226,10 +230,10 @@ def test_a_spec_that_fails_to_build_does_not_take_the_others_down(tmp_path, monk
     write_pipeline(tmp_path, "boom", "source: {git: x}\nentrypoint: a.b:c\n")
     real = build.build_dag
 
-    def flaky(spec):
+    def flaky(spec, *args):
         if spec.dag_id == "boom":
             raise RuntimeError("simulated bug")
-        return real(spec)
+        return real(spec, *args)
 
     monkeypatch.setattr(build, "build_dag", flaky)
     dags = build.build_dags(tmp_path)

@@ -1,13 +1,19 @@
 """The dagfactory command, run as a user runs it: a subprocess."""
 
+import fcntl
 import json
 import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
+import threading
 from pathlib import Path
 
 import pytest
 
+from dagfactory.run.reports import report_path
 from tests.conftest import (
     FAILING_JOB,
     ROOT,
@@ -63,6 +69,94 @@ def test_run_prints_the_result_as_the_last_line(tmp_path, wordcount_repo):
     assert len(result["label"]) == 10  # {{ ds }} rendered
     assert "counting 4000 lines in 6 chunks on 2 workers" in out.stderr
     assert cluster_processes("wc__cli_") == []
+    lines = out.stderr.splitlines()
+    # Not a terminal: the plain progress lines a task log gets; the last one is the total.
+    progress = [line for line in lines if line.startswith("dask progress: ")]
+    assert progress[-1] == "dask progress: 7/7 tasks done (count_words 6/6, merge 1/1)"
+    assert "\r" not in out.stderr
+    [report] = _reports(out.stderr)
+    assert lines.index(f"Dask performance report: {report}") > lines.index(
+        next(line for line in lines if line.startswith("[dagfactory] done"))
+    )
+    run_id = report.parts[-3]
+    assert report == report_path("wc", run_id, "run", 1) and run_id.startswith("cli_")
+    page = report.read_text()
+    assert "<title>Dask Performance Report</title>" in page and "number of tasks: 7" in page
+
+
+def _reports(stderr: str) -> list[Path]:
+    prefix = "Dask performance report: "
+    return [Path(line[len(prefix) :]) for line in stderr.splitlines() if line.startswith(prefix)]
+
+
+def _run_on_a_terminal(*args: str, columns: int = 200) -> tuple[subprocess.CompletedProcess, str]:
+    """`dagfactory run` with stderr on a pseudo-terminal (stdout a pipe, as in `| jq`);
+    returns the process and what the terminal received."""
+    main, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    received: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(main, 65536)
+            except OSError:  # EIO: every holder of the terminal side closed it
+                return
+            if not data:
+                return
+            received.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    try:
+        proc = subprocess.Popen(
+            [*DAGFACTORY, "run", *args], cwd=ROOT, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=terminal, env=os.environ.copy(),
+        )  # fmt: skip
+        os.close(terminal)
+        terminal = -1
+        reader.start()
+        stdout, _ = proc.communicate(timeout=600)
+        reader.join(timeout=60)
+    finally:
+        if terminal >= 0:
+            os.close(terminal)
+        os.close(main)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout.decode(), "")
+    return done, b"".join(received).decode(errors="replace")
+
+
+@pytest.mark.e2e
+def test_run_on_a_terminal_draws_one_progress_bar_per_step_and_reports_each(
+    tmp_path, wordcount_repo
+):
+    path = write_pipeline(
+        tmp_path,
+        "tty",
+        f"""
+        source: {{git: {wordcount_repo.path}, requirements: requirements.txt}}
+        cluster: {{workers: 1, memory: 1GiB}}
+        stages:
+          count:
+            steps:
+              - first: {{entrypoint: wordcount.job:main, params: {{chunks: 3, top: 1}}}}
+              - second: {{entrypoint: wordcount.job:main, params: {{chunks: 5, top: 1}}}}
+        """,
+    )
+    out, screen = _run_on_a_terminal(str(path))
+    assert out.returncode == 0, screen
+    assert json.loads(out.stdout.strip().splitlines()[-1])["second"]["chunks"] == 5
+    assert "dask progress:" not in screen  # the lines became the bar
+    # Each step's bar ends at its total, left on its own line for the steps after it.
+    bar = "\rdask [########################] {} tasks ({})\x1b[K\r\n"
+    assert bar.format("4/4", "count_words 3/3, merge 1/1") in screen
+    assert bar.format("6/6", "count_words 5/5, merge 1/1") in screen
+    assert screen.index("4/4 tasks") < screen.index("[dagfactory] count.second")
+    first, second = _reports(screen.replace("\r\n", "\n"))
+    run_id = first.parts[-3]
+    assert first == report_path("tty", run_id, "count.first", 1)
+    assert second == report_path("tty", run_id, "count.second", 1)
+    assert all("Dask Performance Report" in p.read_text() for p in (first, second))
+    assert cluster_processes("tty__cli_") == []
 
 
 @pytest.mark.e2e

@@ -9,6 +9,7 @@ import pytest
 
 from dagfactory.cli import main
 from dagfactory.run.prune import cache_entries, disk_usage, prune
+from dagfactory.run.reports import report_path
 from dagfactory.run.workspace import checkout, dagfactory_home, prepare, virtualenv
 from dagfactory.spec.load import load_file
 from tests.conftest import write_pipeline
@@ -144,3 +145,48 @@ def test_a_run_stamps_what_it_uses_so_prune_keeps_it(tmp_path, repo_factory):
     assert not {e.path for e, _ in prune(days=30, dry_run=True).removed} & set(used).intersection(
         [workspace.code_dir, workspace.venv_dir, *mirrors]
     )
+
+
+def _report(dag: str, run: str, task: str, try_number: int, days: float):
+    """A performance report written `days` ago (its folders too, as when it was written)."""
+    path = report_path(dag, run, task, try_number)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("<html><title>Dask Performance Report</title></html>\n" * 200)
+    for item in (path, path.parent, path.parent.parent):
+        if item.stat().st_mtime > time.time() - days * DAY:
+            _age(item, days)
+    return path
+
+
+def test_reports_go_a_run_at_a_time_when_the_newest_is_older_than_the_limit(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("DAGFACTORY_HOME", str(tmp_path / "home"))
+    old = _report("wc", "manual__2026-01-01", "pipeline.run", 1, days=40)
+    # What a shim killed while writing leaves: it goes with its run.
+    leftover = old.with_name(f".{old.name}.4242.tmp")
+    leftover.write_text("half a report")
+    _age(leftover, 40)
+    _age(old.parent, 40)
+    new = _report("wc", "scheduled__2026-02-05", "pipeline.run", 1, days=2)
+    # A run whose first try is old but whose retry is recent stays whole.
+    first = _report("sales", "manual__retried", "load.rollup", 1, days=45)
+    retry = _report("sales", "manual__retried", "load.rollup", 2, days=1)
+
+    assert main(["prune", "--days", "30", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would remove reports/wc/manual__2026-01-01 (written 40 days ago, " in out
+    assert "1 to remove, 0 in use, 2 used within 30 days kept" in out
+    assert old.exists()
+
+    size = disk_usage(old.parent.parent)
+    report = prune(days=30)
+    assert [(e.path, freed) for e, freed in report.removed] == [(old.parent.parent, size)]
+    assert not old.parent.parent.exists()
+    assert new.exists() and first.exists() and retry.exists()
+    assert sorted(e.path for e in cache_entries()) == sorted(
+        [new.parent.parent, first.parent.parent]
+    )  # no trash left behind
+
+    assert [e.path for e, _ in prune(days=1.5).removed] == [new.parent.parent]
+    assert first.exists() and retry.exists()  # its retry, a day old, keeps the run

@@ -1,7 +1,10 @@
 """The entry point runs in the pipeline's virtualenv, against a real local cluster."""
 
+import os
+import re
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -20,7 +23,24 @@ pytestmark = pytest.mark.e2e
 
 JOBS = {
     "pkg/__init__.py": "",
-    "pkg/helpers.py": "def square(x):\n    return x * x\n",
+    "pkg/helpers.py": """\
+import os
+import time
+
+
+def square(x):
+    return x * x
+
+
+def wait_for(path, i):
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never came")
+        time.sleep(0.02)
+    time.sleep(0.02)
+    return i
+""",
     "pkg/broken.py": "import os\n\nraise ValueError('no config at import')\n",
     "pkg/needs_pandas.py": "import pandas_not_installed_here  # noqa\n",
     "pkg/jobs.py": """\
@@ -29,7 +49,7 @@ import os
 import sys
 import time
 
-from pkg.helpers import square
+from pkg.helpers import square, wait_for
 
 
 def squares(client, n=3, label=""):
@@ -81,6 +101,18 @@ def trickle(client, folder, n=3):
 def sleeps(client):
     print("sleeping", flush=True)
     time.sleep(300)
+
+
+def gated(client, gate, n=40):
+    # No task can finish before the test opens the gate: what progress shows until then is
+    # fixed, whatever the machine's speed.
+    parts = client.map(wait_for, [gate] * n, range(n), pure=False)
+    return client.submit(sum, parts).result()
+
+
+def no_dask_work(client, seconds=1.5):
+    time.sleep(seconds)
+    return "rested"
 """,
 }
 
@@ -176,8 +208,8 @@ def test_the_virtualenv_has_no_airflow(cluster):
         ),
         (
             "pkg.jobs:zzz",
-            r"has no function 'zzz'; its functions: chatty, fails, imports_airflow, not_json, "
-            r"sleeps, squares, trickle, with_nan$",
+            r"has no function 'zzz'; its functions: chatty, fails, gated, imports_airflow, "
+            r"no_dask_work, not_json, sleeps, squares, trickle, with_nan$",
         ),
         (
             "pkg.broken:main",
@@ -225,6 +257,102 @@ def test_a_trickle_of_lines_is_handed_on_line_by_line(cluster, tmp_path):
 
     folder = str(tmp_path)
     assert run_entrypoint(workspace, "pkg.jobs:trickle", {"folder": folder}, address, output) == 3
+
+
+def test_a_run_writes_its_performance_report_atomically_where_asked(cluster, tmp_path):
+    workspace, address = cluster
+    report = tmp_path / "reports" / "dag" / "run" / "try-1.html"  # its folders made too
+    result = run_entrypoint(
+        workspace, "pkg.jobs:squares", {"n": 5}, address, lambda _: None, report=report
+    )
+    assert result["squares"] == [0, 1, 4, 9, 16]
+    page = report.read_text()
+    assert "<title>Dask Performance Report</title>" in page
+    assert "Task Stream" in page and "number of tasks: 5" in page
+    assert "def squares(client, n=3, label=" in page  # the entry point's code, not the shim's
+    assert "cdn.bokeh.org" not in page  # readable with no network: Bokeh is inline
+    assert os.listdir(report.parent) == ["try-1.html"]  # no temporary file left
+    # No path, no report (Dask's default name would land in the code folder).
+    run_entrypoint(workspace, "pkg.jobs:squares", {}, address, lambda _: None)
+    assert not list(workspace.code_dir.rglob("*.html"))
+
+
+def test_a_failing_entry_point_still_writes_its_report(cluster, tmp_path):
+    workspace, address = cluster
+    report = tmp_path / "try-2.html"
+    chunks = []
+    with pytest.raises(EntrypointError, match="raised RuntimeError: the data is bad"):
+        run_entrypoint(workspace, "pkg.jobs:fails", {}, address, chunks.append, report=report)
+    assert "Dask Performance Report" in report.read_text()
+    assert "Traceback" in "\n".join(chunks)  # the error surfaces as without a report
+
+
+def test_a_stopped_entry_point_writes_its_report_before_it_goes(cluster, tmp_path):
+    """A task timeout stops the entry point: the report of the slow run is the one to read."""
+    workspace, address = cluster
+    report = tmp_path / "try-1.html"
+
+    def output(text: str) -> None:
+        if "sleeping" in text:
+            raise TimeoutError("the task's timeout")  # as Airflow's execution_timeout does
+
+    with pytest.raises(TimeoutError):
+        run_entrypoint(workspace, "pkg.jobs:sleeps", {}, address, output, report=report)
+    assert "Dask Performance Report" in report.read_text()
+
+
+PROGRESS = re.compile(r"dask progress: (\d+)/(\d+) tasks done \((.*)\)")
+
+
+def test_progress_lines_follow_the_work_and_do_not_repeat_themselves(cluster, tmp_path):
+    workspace, address = cluster
+    gate = tmp_path / "gate"
+    every = 0.2
+    seen: list[tuple[float, str]] = []
+    opener: list[threading.Timer] = []
+    opened: list[float] = []
+
+    def open_gate() -> None:
+        opened.append(time.monotonic())
+        gate.touch()
+
+    def output(text: str) -> None:
+        for line in text.split("\n"):
+            if PROGRESS.fullmatch(line):
+                seen.append((time.monotonic(), line))
+                if not opener:  # hold the gate for many intervals, then open it
+                    opener.append(threading.Timer(10 * every, open_gate))
+                    opener[0].start()
+
+    started = time.monotonic()
+    result = run_entrypoint(
+        workspace, "pkg.jobs:gated", {"gate": str(gate), "n": 40}, address, output,
+        progress_every=every,
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert result == sum(range(40))
+    lines = [line for _, line in seen]
+    assert lines[-1] == "dask progress: 41/41 tasks done (wait_for 40/40, sum 1/1)"
+    counts = [tuple(map(int, PROGRESS.fullmatch(line).groups()[:2])) for line in lines]
+    assert all(done <= total for done, total in counts)
+    assert [done for done, _ in counts] == sorted(done for done, _ in counts)
+    assert len(set(lines)) == len(lines)  # only when it changed
+    # While the gate was shut nothing could change: at most the graph's arrival (the map,
+    # then the sum) was told, however many intervals passed.
+    shut = [line for when, line in seen if when < opened[0]]
+    assert 1 <= len(shut) <= 2 and all(line.startswith("dask progress: 0/") for line in shut)
+    assert len(lines) <= elapsed / every + 2  # never more than one a period
+
+
+def test_no_progress_when_no_dask_work_runs(cluster):
+    workspace, address = cluster
+    chunks = []
+    result = run_entrypoint(
+        workspace, "pkg.jobs:no_dask_work", {"seconds": 1.5}, address, chunks.append,
+        keepalive=0.2, progress_every=0.2,
+    )  # fmt: skip
+    assert result == "rested"
+    assert not [line for line in _lines(chunks) if "dask progress" in line]  # keepalives too
 
 
 ORPHAN_CHILD = """

@@ -7,7 +7,6 @@ pipeline file, and again (for one DAG only) every time a task starts.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from airflow.sdk import (
     get_parsing_context,
 )
 
+from dagfactory.dag.docs import doc_md, source_url_template
 from dagfactory.dag.operators import (
     BootstrapOperator,
     ClusterUpOperator,
@@ -61,9 +61,13 @@ GROUP = "pipeline"
 INVALID_TAG = "dagfactory:invalid"
 
 
-def build_dag(spec: PipelineSpec) -> DAG:
+def build_dag(spec: PipelineSpec, folder: str | Path | None = None, source_url: str = "") -> DAG:
     """The DAG of one pipeline: bootstrap -> cluster_up (setup) -> run -> teardown, or with
-    stages, bootstrap -> for each stage: cluster_up (setup) -> steps -> teardown."""
+    stages, bootstrap -> for each stage: cluster_up (setup) -> steps -> teardown.
+
+    folder and source_url only shape the docs (`docs.doc_md`): the file's path in the
+    pipelines folder, and a link to it.
+    """
     start = spec.start_date
     with DAG(
         dag_id=spec.dag_id,
@@ -76,7 +80,7 @@ def build_dag(spec: PipelineSpec) -> DAG:
             name: Param(param.default, **json_schema(param))
             for name, param in spec.param_specs.items()
         },
-        doc_md=_doc(spec),
+        doc_md=doc_md(spec, folder, source_url),
         default_args={
             "owner": spec.owner,
             "retries": spec.retries,
@@ -316,62 +320,6 @@ def build_invalid_dag(dag_id: str, problems: Sequence[SpecProblem]) -> DAG:
     return dag
 
 
-def _doc(spec: PipelineSpec) -> str:
-    source = spec.source
-    reqs = source.requirements
-    rows = [
-        ("entry point", f"`{spec.entrypoint}(client, **params)`"),
-        ("git", f"`{source.git}`"),
-        ("ref", f"`{source.ref or 'HEAD'}`"),
-        ("subdir", f"`{source.subdir or '.'}`"),
-        ("requirements", f"`{reqs if isinstance(reqs, str) else json.dumps(reqs)}`"),
-        ("cluster", f"{spec.cluster.backend}: {spec.cluster.workers} workers x "
-                    f"{spec.cluster.cpu} cpu, {spec.cluster.memory}"),
-        ("params", f"`{json.dumps(spec.param_defaults, sort_keys=True, default=str)}`"),
-        ("file", f"`{Path(spec.origin).name}`"),
-    ]  # fmt: skip
-    if spec.staged:
-        rows = [row for row in rows if row[0] not in ("entry point", "cluster")]
-        for name in reversed(spec.stage_order()):
-            stage = spec.stages[name]
-            after = f" after {', '.join(stage.depends_on)}" if stage.depends_on else ""
-            calls = " then ".join(
-                " and ".join(f"`{step}` ({s.entrypoint})" for step, s in group)
-                for group in stage.groups
-            )
-            words = _stage_words(name, spec.for_stage(name)).split(": ", 1)[1]
-            rows.insert(0, (f"stage {name}", f"{words}{after}: {calls}"))
-    # Airflow's header shows a cron; an asset condition only as "Asset", so it gets words here.
-    if isinstance(spec.schedule, ScheduleSpec):
-        when = f"when {_condition_words(spec.schedule.asset_condition)} updated"
-        cron = spec.schedule.cron
-        rows.insert(1, ("schedule", f"on `{cron}`, and also {when}" if cron else when))
-    if spec.outlets:
-        updates = ", ".join(_code(uri) for uri in spec.outlets)
-        rows.insert(1, ("outlets", f"a successful run updates {updates}"))
-    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    return f"{spec.description}\n\n| | |\n|---|---|\n{table}\n".lstrip()
-
-
-def _condition_words(condition: AssetCondition, nested: bool = False) -> str:
-    """`a` and (`b` or `c`): the condition as a person reads it (top level ends in a verb)."""
-    words = [
-        _code(item) if isinstance(item, str) else _condition_words(item, nested=True)
-        for item in condition.items
-    ]
-    if len(words) == 1:
-        return words[0] + ("" if nested else " is")
-    text = f" {'or' if condition.kind == 'any' else 'and'} ".join(words)
-    if nested:
-        return f"({text})"
-    return text + (" is" if condition.kind == "any" else " are")
-
-
-def _code(text: str) -> str:
-    """Inline code in a markdown table cell (a '|' would end the cell)."""
-    return "`" + text.replace("|", "\\|") + "`"
-
-
 def pipelines_dir(default: str | Path) -> Path:
     return Path(os.environ.get(PIPELINES_DIR_VARIABLE) or default)
 
@@ -385,9 +333,10 @@ def build_dags(default_dir: str | Path) -> dict[str, DAG]:
     """
     folder = pipelines_dir(default_dir)
     profile = selected_profile()
+    source_url = source_url_template()
     wanted = get_parsing_context().dag_id
     if wanted:
-        dag = _build_one(folder, wanted, profile)
+        dag = _build_one(folder, wanted, profile, source_url)
         if dag is not None:
             return {wanted: dag}
     result = load_folder(folder, profile=profile)
@@ -395,7 +344,7 @@ def build_dags(default_dir: str | Path) -> dict[str, DAG]:
     problems = list(result.problems)
     for spec in result.specs:
         try:
-            dags[spec.dag_id] = build_dag(spec)
+            dags[spec.dag_id] = build_dag(spec, folder, source_url)
         except AssetUriError as exc:  # the user's mistake, in the provider's words
             problems.append(SpecProblem(spec.origin, str(exc), 1, 1))
         except Exception as exc:  # one spec must never take every other DAG down with it
@@ -419,7 +368,7 @@ def build_dags(default_dir: str | Path) -> dict[str, DAG]:
     return dags
 
 
-def _build_one(folder: Path, dag_id: str, profile: Profile | None) -> DAG | None:
+def _build_one(folder: Path, dag_id: str, profile: Profile | None, source_url: str) -> DAG | None:
     """The DAG of the one file named after dag_id, if that file alone gives it; else None.
 
     Lists the tree's folders but reads only that file and the defaults files above it. Two
@@ -431,4 +380,4 @@ def _build_one(folder: Path, dag_id: str, profile: Profile | None) -> DAG | None
     result = load_files([(paths[0], str(paths[0]))], Defaults(profile, root=folder))
     if result.problems or [s.dag_id for s in result.specs] != [dag_id]:
         return None
-    return build_dag(result.specs[0])
+    return build_dag(result.specs[0], folder, source_url)

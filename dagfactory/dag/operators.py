@@ -68,6 +68,36 @@ class DaskDashboardLink(BaseOperatorLink):
         return handle.get("dashboard_link", "") if isinstance(handle, dict) else ""
 
 
+class CommitLink(BaseOperatorLink):
+    """'Commit' button on bootstrap: the commit the run pinned, on its forge.
+
+    Only for forges whose commit pages have a known address (github.com, gitlab.com,
+    bitbucket.org); elsewhere the commit is in bootstrap's log and XCom, and no button shows.
+    """
+
+    name = "Commit"
+
+    def get_link(self, operator: BaseOperator, *, ti_key: Any) -> str:
+        from dagfactory.dag.docs import commit_url
+
+        commit = getattr(operator, "commit", None)
+        spec = getattr(operator, "spec", None)
+        return commit_url(spec.source.git, commit) if commit and spec else ""
+
+
+class DaskReportLink(BaseOperatorLink):
+    """'Dask report' button on every run task: the try's Dask performance report, served by
+    the dagfactory plugin of the api-server (`plugin.py`) from a file, so it keeps working
+    after the cluster is gone."""
+
+    name = "Dask report"
+
+    def get_link(self, operator: BaseOperator, *, ti_key: Any) -> str:
+        from dagfactory.dag.plugin import report_url
+
+        return report_url(ti_key.dag_id, ti_key.run_id, ti_key.task_id, ti_key.try_number)
+
+
 class _PipelineOperator(BaseOperator):
     """What the four tasks share. The subclasses define no __init__ of their own: Airflow
     wraps every __init__ of an operator class, and each level deep-copies the DAG's params
@@ -118,6 +148,9 @@ class _PipelineOperator(BaseOperator):
 class BootstrapOperator(_PipelineOperator):
     """Check the run's params; pin the git ref to one commit; prepare checkout and virtualenv."""
 
+    operator_extra_links = (CommitLink(),)
+    commit: str | None = None
+
     def execute(self, context: Any) -> dict[str, Any]:
         from dagfactory.run import steps
         from dagfactory.spec.params import check_values
@@ -127,7 +160,9 @@ class BootstrapOperator(_PipelineOperator):
         # with the words `dagfactory run` uses.
         conf = context["dag_run"].conf or {}
         check_values(self.spec.param_specs, conf, self.spec.origin)
-        return steps.bootstrap(self.spec, _credentials(self.spec), self.log.info)
+        boot = steps.bootstrap(self.spec, _credentials(self.spec), self.log.info)
+        self.commit = boot["commit"]
+        return boot
 
 
 class ClusterUpOperator(_PipelineOperator):
@@ -169,11 +204,12 @@ class RunOperator(_PipelineOperator):
 
     template_fields = ("workspace", "cluster")
     ui_color = "#fdebd0"
-    operator_extra_links = (DaskDashboardLink(),)
+    operator_extra_links = (DaskDashboardLink(), DaskReportLink())
     cluster_handle: dict[str, Any] | None = None
 
     def execute(self, context: Any) -> Any:
         from dagfactory.run import steps
+        from dagfactory.run.reports import report_path
 
         spec = self.stage_spec()
         key = self.cluster_key(context)
@@ -185,6 +221,7 @@ class RunOperator(_PipelineOperator):
         if self.cluster_handle is not known:
             context["ti"].xcom_push(key=REPLACEMENT_KEY, value=self.cluster_handle)
         params = self.params_of_run(context)
+        ti = context["ti"]
         return steps.run(
             spec,
             self.workspace,
@@ -194,6 +231,7 @@ class RunOperator(_PipelineOperator):
             credentials,
             self.log.info,
             entrypoint=self.step.entrypoint if self.step else "",
+            report=report_path(ti.dag_id, ti.run_id, ti.task_id, ti.try_number),
         )
 
     def params_of_run(self, context: Any) -> dict[str, Any]:

@@ -5,6 +5,10 @@ typed and checked before anything starts, `timeout` bounds the run step, `retrie
 cluster that is ensured again (a lost one is replaced), and the cluster is torn down whatever
 happens: an exception, Ctrl-C, SIGTERM, SIGHUP (a closed terminal), or a reader that went away
 (`| head`). Teardown comes first and printing after, and no output error can skip it.
+
+Each run step writes a Dask performance report, as the Airflow task does, and the paths are
+printed at the end. On a terminal the entry point's Dask progress is one bar redrawn in place;
+anywhere else it is the plain lines a task log gets.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -26,6 +31,11 @@ from dagfactory.spec.params import check_values, parse_text
 from dagfactory.spec.pipeline import PipelineSpec, StepSpec, parse_duration
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+PROGRESS_LINE = re.compile(r"dask progress: (\d+)/(\d+) tasks done(?: \((.*)\))?")
+"""The entry shim's progress line: on a terminal, `Terminal.entry` draws it as a bar."""
+BAR_EVERY = 1.0
+"""Seconds between progress updates on a terminal: a bar redrawn in place floods nothing."""
+BAR_WIDTH = 24
 
 
 class Interrupted(BaseException):
@@ -42,22 +52,58 @@ class RunTimeout(DagfactoryError):
 
 @dataclass
 class Terminal:
-    """stderr and stdout that never raise: a closed or broken stream only stops the printing."""
+    """stderr and stdout that never raise: a closed or broken stream only stops the printing.
+
+    With `bar` (stderr is a terminal), the entry point's progress lines become one line at
+    the bottom, redrawn in place, until `end_bar`.
+    """
 
     broken: bool = False
+    bar: bool = False
+    shown: str = ""
+    """The progress bar on the screen now ("" when none)."""
 
     def err(self, text: str) -> None:
+        if self.shown:
+            self._write(sys.stderr, "\r\x1b[K", end="")
         self._write(sys.stderr, text)
+        if self.shown:
+            self._write(sys.stderr, self.shown, end="")
 
     def out(self, text: str) -> bool:
         """Print to stdout; False when it could not be delivered."""
         return self._write(sys.stdout, text)
 
-    def _write(self, stream: Any, text: str) -> bool:
+    def entry(self, text: str) -> None:
+        """The entry point's output: as it is, but progress lines as the bar on a terminal."""
+        if not self.bar:
+            self.err(text)
+            return
+        lines: list[str] = []
+        for line in text.split("\n"):
+            found = PROGRESS_LINE.fullmatch(line)
+            if found is None:
+                lines.append(line)
+                continue
+            if lines:
+                self.err("\n".join(lines))
+                lines = []
+            self.shown = bar_text(*found.groups(), width=_columns())
+            self._write(sys.stderr, f"\r{self.shown}\x1b[K", end="")
+        if lines:
+            self.err("\n".join(lines))
+
+    def end_bar(self) -> None:
+        """Leave the last state of the bar on its own line: the entry point has ended."""
+        if self.shown:
+            self.shown = ""
+            self._write(sys.stderr, "")
+
+    def _write(self, stream: Any, text: str, end: str = "\n") -> bool:
         if stream is None:
             return False
         try:
-            stream.write(text + "\n")
+            stream.write(text + end)
             stream.flush()
             return True
         except OSError as exc:  # BrokenPipeError, EBADF on a closed descriptor, ...
@@ -67,6 +113,22 @@ class Terminal:
                 with contextlib.suppress(OSError):
                     os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
             return False
+
+
+def bar_text(done: str, total: str, kinds: str | None, width: int = 80) -> str:
+    """The bar, `dask [#####-------] 120/400 tasks (count_words 100/300, ...)`, cut to width."""
+    filled = BAR_WIDTH * int(done) // max(int(total), 1)
+    text = f"dask [{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {done}/{total} tasks"
+    if kinds:
+        text += f" ({kinds})"
+    return text if len(text) < width else text[: max(width - 4, 0)] + "..."
+
+
+def _columns() -> int:
+    try:  # a terminal that never said its size says 0
+        return os.get_terminal_size(sys.stderr.fileno()).columns or 80
+    except (OSError, ValueError, AttributeError):
+        return 80
 
 
 def parse_overrides(spec: PipelineSpec, pairs: list[str]) -> dict[str, Any]:
@@ -173,7 +235,7 @@ def run_pipeline(spec: PipelineSpec, overrides: list[str], worktree: bool = Fals
     from dagfactory.run import steps
     from dagfactory.run.workspace import credentials_from_env
 
-    term = Terminal()
+    term = Terminal(bar=_is_terminal(sys.stderr))
     params = parse_overrides(spec, overrides)
     run_id = f"cli_{datetime.now(UTC):%Y%m%dT%H%M%S}_{os.getpid()}"
     key = steps.run_key(spec.dag_id, run_id)
@@ -197,7 +259,7 @@ def run_pipeline(spec: PipelineSpec, overrides: list[str], worktree: bool = Fals
                 step(f"cluster_up (run key {key})")
                 handles.append(steps.cluster_up(spec, boot, key, credentials, term.err))
                 result = _run_with_retries(
-                    spec, boot, key, params, credentials, handles, term, step
+                    spec, boot, key, run_id, params, credentials, handles, term, step
                 )
             else:
                 context = run_context(params, spec.dag_id, run_id)
@@ -211,7 +273,18 @@ def run_pipeline(spec: PipelineSpec, overrides: list[str], worktree: bool = Fals
             step("done")
         if noted and outcome is None:
             outcome = Interrupted(noted[0])
+    from dagfactory.run.reports import run_reports
+
+    for path in run_reports(spec.dag_id, run_id):
+        term.err(f"Dask performance report: {path}")
     return _report(outcome, result, term)
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (OSError, ValueError):
+        return False
 
 
 def _teardown(
@@ -258,6 +331,7 @@ def _run_stages(
                 staged,
                 boot,
                 stage_key,
+                context["run_id"],
                 params,
                 credentials,
                 handles,
@@ -293,6 +367,7 @@ def _run_with_retries(
     spec: PipelineSpec,
     boot: dict[str, Any],
     key: str,
+    run_id: str,
     params: dict[str, Any],
     credentials: Any,
     handles: list[dict[str, Any]],
@@ -302,8 +377,9 @@ def _run_with_retries(
     task: str = "run",
 ) -> Any:
     """A run task (or a stage's step) with Airflow's retry semantics: each try ensures its
-    cluster first."""
+    cluster first, and writes its own performance report (try 1, 2, ... as Airflow counts)."""
     from dagfactory.run import steps
+    from dagfactory.run.reports import report_path
 
     limit = (step_spec.timeout if step_spec else None) or spec.timeout
     timeout = parse_duration(limit).total_seconds() if limit else None
@@ -316,8 +392,15 @@ def _run_with_retries(
             handle = steps.ensure_cluster(spec, boot, key, handles[-1], credentials, term.err)
             if handle is not handles[-1]:
                 handles.append(handle)
-            with time_limit(timeout):
-                return steps.run(spec, boot, handle, params, key, credentials, term.err, entrypoint)
+            report = report_path(spec.dag_id, run_id, task, attempt + 1)
+            try:
+                with time_limit(timeout):
+                    return steps.run(
+                        spec, boot, handle, params, key, credentials, term.entry, entrypoint,
+                        report, BAR_EVERY if term.bar else None,
+                    )  # fmt: skip
+            finally:
+                term.end_bar()
         except DagfactoryError as exc:
             if attempt == retries:
                 raise

@@ -6,11 +6,17 @@ imports the entry point (no Dask client), so that a typo fails the run before a 
 
 Whatever goes wrong is written to the `--error` file as one actionable line; a traceback, when
 there is one worth reading, is printed once, to the output the runner streams to the task log.
+
+While the entry point runs, a thread prints how far the cluster's work is (`--progress`
+seconds apart, only when it changed), and with `--report` the call is wrapped in Dask's
+performance report, written whether the entry point returns or raises.
 """
 
 import argparse
+import contextlib
 import difflib
 import hashlib
+import html
 import importlib
 import inspect
 import json
@@ -30,6 +36,16 @@ import zipfile
 
 SHIM_FILE = os.path.abspath(__file__)
 MAX_NAMES = 12
+PROGRESS_KINDS = 6
+"""Most kinds of task (key prefixes) a progress line names; the busiest ones."""
+OWN_PREFIX = "dagfactory-"
+"""Key prefix of the tasks the shim itself submits: not the pipeline's work, never counted."""
+REPORT_TIMEOUT = 120.0
+"""Seconds the scheduler gets to build the performance report (a stopped run: STOP_REPORT,
+inside the runner's grace, so that the code upload is still removed after it)."""
+STOP_REPORT = 6.0
+PROBE_TIMEOUT = 10.0
+"""Seconds to wait for the scheduler's answer before a report or a last progress line."""
 
 
 class Problem(Exception):
@@ -202,7 +218,11 @@ def _call(args: argparse.Namespace) -> object:
         if args.keepalive:
             threading.Thread(target=_keep_busy, args=(client, args.keepalive), daemon=True).start()
         try:
-            return function(client, **params)
+            with (
+                _performance_report(client, args.report, function),
+                _progress(client, args.progress),
+            ):
+                return function(client, **params)
         finally:
             _unship_code(client, name)
 
@@ -214,10 +234,159 @@ def _keep_busy(client, every: float) -> None:
     """
     while True:
         time.sleep(every)
-        try:
-            client.submit(int, pure=False)  # a builtin: the scheduler can unpickle it
+        try:  # a builtin (the scheduler can unpickle it), under a key progress leaves out
+            client.submit(int, pure=False, key=f"{OWN_PREFIX}keepalive-{uuid.uuid4().hex}")
         except Exception:
             return  # the client is closing or gone: nothing left to keep busy
+
+
+class _performance_report:
+    """Dask's performance report of the call, written to `path` however the call ends.
+
+    Written to a temporary file beside it and renamed, so that whoever serves the reports
+    never sees half of one. The report is self-contained (Bokeh inline): it is read long after
+    the cluster is gone, maybe where no CDN can be reached. Its "calling code" is the entry
+    point's source. A report that cannot be made is a warning: it never fails a run, nor hides
+    the entry point's own error.
+    """
+
+    def __init__(self, client, path: str | None, function) -> None:
+        self.client, self.path, self.function = client, path, function
+        self.report = None
+
+    def __enter__(self):
+        if not self.path:
+            return self
+        from distributed import performance_report
+
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self.tmp = os.path.join(
+            os.path.dirname(self.path), f".{os.path.basename(self.path)}.{os.getpid()}.tmp"
+        )
+        report = performance_report(filename=self.tmp, mode="inline")
+        try:
+            self.client.sync(report.__aenter__, callback_timeout=REPORT_TIMEOUT)
+        except Exception as exc:
+            self._warn(exc)
+        else:
+            self.report = report
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if self.report is None:
+            return
+        if _lost(self.client, value):  # waiting for a lost scheduler only delays the retry
+            self._warn(ConnectionError("the scheduler is gone"))
+            return
+        try:
+            source = inspect.getsource(self.function)
+        except (OSError, TypeError):
+            source = "<the entry point's source is not available>"
+        timeout = STOP_REPORT if kind is Stopped else REPORT_TIMEOUT
+        try:
+            # Refused connections are retried for Dask's connect timeout: ask once, briefly.
+            self.client.sync(self.client.scheduler.identity, callback_timeout=PROBE_TIMEOUT)
+            # Dask puts the code into the page as it is: escaped, a `<` in it stays text.
+            self.client.sync(
+                self.report.__aexit__, kind, value, tb, code=html.escape(source),
+                callback_timeout=timeout,
+            )  # fmt: skip
+            os.replace(self.tmp, self.path)
+        except Exception as exc:
+            self._warn(exc)
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+
+    def _warn(self, exc: BaseException) -> None:
+        print(
+            f"dagfactory: warning: no Dask performance report for this run: "
+            f"{type(exc).__name__}: {_first_line(exc) or 'no details'}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _lost(client, error: BaseException | None) -> bool:
+    """Whether the call ended because the client lost its scheduler (a retry replaces it)."""
+    from distributed.comm import CommClosedError
+
+    return isinstance(error, CommClosedError) or client.status != "running"
+
+
+def _task_counts(dask_scheduler) -> dict:
+    """Runs on the scheduler: per key prefix, [tasks finished ever, tasks waiting to finish].
+
+    Read from the counters the scheduler keeps per prefix anyway (what its dashboard's
+    progress shows), so a look costs one pass over the prefixes, not over the tasks.
+    """
+    waiting = ("released", "waiting", "queued", "processing", "no-worker")
+    counts = {}
+    for name, prefix in dask_scheduler.task_prefixes.items():
+        done = prefix.state_counts.get("memory", 0) + prefix.state_counts.get("erred", 0)
+        counts[str(name)] = [done, sum(prefix.states.get(state, 0) for state in waiting)]
+    return counts
+
+
+def progress_line(start: dict, now: dict) -> str:
+    """The line `dask progress: 120/400 tasks done (count_words 100/300, merge 20/100)`,
+    counting what happened since `start`; "" when no task of the pipeline's ran since."""
+    kinds = []
+    for name, (done, waiting) in now.items():
+        done -= start.get(name, [0, 0])[0]
+        if name.startswith(OWN_PREFIX) or done + waiting <= 0:
+            continue
+        kinds.append((name, max(done, 0), max(done, 0) + waiting))
+    if not kinds:
+        return ""
+    done, total = sum(k[1] for k in kinds), sum(k[2] for k in kinds)
+    busiest = sorted(kinds, key=lambda k: -k[2])[:PROGRESS_KINDS]
+    shown = [f"{name} {d}/{t}" for name, d, t in kinds if (name, d, t) in busiest]
+    more = ", ..." if len(kinds) > PROGRESS_KINDS else ""
+    return f"dask progress: {done}/{total} tasks done ({', '.join(shown)}{more})"
+
+
+class _progress:
+    """A thread printing `progress_line` every `every` seconds while the call runs, when it
+    changed, and once at the end if the last line printed is not the final count."""
+
+    def __init__(self, client, every: float) -> None:
+        self.client, self.every = client, every
+        self.finished = threading.Event()
+        self.thread = None
+
+    def __enter__(self):
+        if self.every <= 0:
+            return self
+        try:
+            start = self.client.run_on_scheduler(_task_counts)
+        except Exception as exc:
+            print(f"dagfactory: no Dask progress: {_first_line(exc)}", file=sys.stderr)
+            return self
+        self.thread = threading.Thread(target=self._watch, args=(start,), daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if self.thread is not None:
+            self.finished.set()
+            if not _lost(self.client, value):  # else its last look would wait in vain
+                self.thread.join(timeout=0.5 if kind is Stopped else PROBE_TIMEOUT)
+
+    def _watch(self, start: dict) -> None:
+        shown = ""
+        while True:
+            last = self.finished.wait(self.every)
+            try:
+                line = progress_line(start, self.client.run_on_scheduler(_task_counts))
+            except Exception:
+                return  # the scheduler is gone or the client closing: the call will say
+            if line and line != shown:
+                # One write per line: the entry point prints from another thread.
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+                shown = line
+            if last:
+                return
 
 
 def _path(path: str, key) -> str:
@@ -283,6 +452,8 @@ def main() -> int:
     parser.add_argument("--code-dir", required=True)
     parser.add_argument("--params")
     parser.add_argument("--keepalive", type=float, default=0.0)
+    parser.add_argument("--progress", type=float, default=0.0, help="seconds between lines")
+    parser.add_argument("--report", help="where to write Dask's performance report")
     parser.add_argument("--result")
     parser.add_argument("--error", required=True)
     args = parser.parse_args()

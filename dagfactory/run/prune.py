@@ -10,6 +10,10 @@ held (being built or fetched), or any entry a live process runs from (a cluster,
 point, an Airflow task: its interpreter, working folder or PYTHONPATH is inside the entry).
 A removed entry is first renamed out of its place, so a run sees all of it or none of it,
 and simply rebuilds it.
+
+Dask performance reports (`reports.py`) go by the same age limit, a run at a time: a run's
+folder of reports is removed when the newest file in it is older than the limit, so a report
+stays readable as long as any report of its run would.
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ from pathlib import Path
 import psutil
 from filelock import FileLock, Timeout
 
+from dagfactory.run.reports import reports_dir
 from dagfactory.run.workspace import _COMPLETE, dagfactory_home
 
 DEFAULT_DAYS = 30.0
 KINDS = {"checkout": "checkouts", "venv": "venvs", "mirror": "repos"}
 """Kind of cache entry -> its folder under the dagfactory home."""
+REPORT = "report"
+"""Kind of the entry that is one run's folder of performance reports (reports/<dag>/<run>)."""
 _TRASH = ".pruning-"
 
 
@@ -60,11 +67,15 @@ class PruneReport:
 
 
 def cache_entries() -> list[CacheEntry]:
-    """Every checkout, virtualenv and mirror in the cache, with when a run last used it."""
+    """Every checkout, virtualenv and mirror in the cache, with when a run last used it, and
+    every run's folder of performance reports, with when a report was last written to it."""
     home = dagfactory_home()
+    folders = [(kind, home / folder) for kind, folder in KINDS.items()]
+    if reports_dir().is_dir():
+        dags = sorted(p for p in reports_dir().iterdir() if p.is_dir() and not p.is_symlink())
+        folders += [(REPORT, dag) for dag in dags]
     entries = []
-    for kind, folder in KINDS.items():
-        base = home / folder
+    for kind, base in folders:
         if not base.is_dir():
             continue
         for path in sorted(base.iterdir()):
@@ -144,13 +155,20 @@ def _last_used(kind: str, path: Path) -> float:
     marker = path / _COMPLETE
     if kind == "venv" and marker.exists():
         return marker.stat().st_mtime
+    if kind == REPORT:  # a retry or a later step adds a report to an older run's folder
+        newest = path.stat().st_mtime
+        for folder, _, files in os.walk(path):
+            for name in [*files, "."]:
+                with contextlib.suppress(OSError):
+                    newest = max(newest, os.lstat(os.path.join(folder, name)).st_mtime)
+        return newest
     return path.stat().st_mtime
 
 
 def _lock_file(entry: CacheEntry) -> Path | None:
     """The file lock workspace.py takes on the entry (checkouts need none: they are renamed
-    into place whole, and removed the same way)."""
-    return None if entry.kind == "checkout" else Path(f"{entry.path}.lock")
+    into place whole, and removed the same way; reports neither: each is renamed into place)."""
+    return None if entry.kind in ("checkout", REPORT) else Path(f"{entry.path}.lock")
 
 
 @contextlib.contextmanager
@@ -216,7 +234,8 @@ def report_lines(report: PruneReport, days: float, dry_run: bool, now: float) ->
     for entry, size in report.removed:
         where = entry.path.relative_to(home)
         idle = entry.idle_days(now)
-        lines.append(f"{verb} {where} (unused {idle:.0f} days, {size_text(size)})")
+        age = f"written {idle:.0f} days ago" if entry.kind == REPORT else f"unused {idle:.0f} days"
+        lines.append(f"{verb} {where} ({age}, {size_text(size)})")
     for entry, reason in report.in_use:
         lines.append(f"kept {entry.path.relative_to(home)}: {reason}")
     lines.append(

@@ -19,5 +19,17 @@ def report_path(dag_id: str, run_id: str, task_id: str, try_number: int) -> Path
     return reports_dir().joinpath(*parts)
 
 
+def run_reports(dag_id: str, run_id: str) -> list[Path]:
+    """The reports written for one run, oldest first (its steps and tries in the order run)."""
+    folder = report_path(dag_id, run_id, "_", 1).parent.parent
+    found = []
+    for path in folder.glob("*/try-*.html"):
+        try:
+            found.append((path.stat().st_mtime, str(path), path))
+        except OSError:  # pruned meanwhile
+            continue
+    return [path for *_, path in sorted(found)]
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).lstrip(".") or "_"

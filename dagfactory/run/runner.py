@@ -35,9 +35,13 @@ FLUSH_INTERVAL = 0.15
 """Seconds a line may wait for more lines before it is handed to `output`."""
 FLUSH_BYTES = 64 * 1024
 """Most bytes read at once, and the size at which a chunk is handed on without waiting."""
-STOP_GRACE = 5.0
-"""Seconds a stopped entry point gets to remove its code upload before it is killed."""
+STOP_GRACE = 10.0
+"""Seconds a stopped entry point gets to write its performance report and remove its code upload
+before it is killed."""
 CHECK_TIMEOUT = 300.0
+PROGRESS_EVERY = 10.0
+"""Seconds between the entry point's Dask progress lines (at most; only when changed). The
+variable DAGFACTORY_PROGRESS_EVERY sets another default; 0 turns the lines off."""
 _PR_SET_PDEATHSIG = 1
 
 
@@ -96,15 +100,19 @@ def run_entrypoint(
     key: str = "",
     keepalive: float = 0.0,
     cluster_env: dict[str, str] | None = None,
+    report: Path | None = None,
+    progress_every: float | None = None,
 ) -> Any:
     """Run `entrypoint(client, **params)` against the scheduler; return its JSON result.
 
     `output` gets the entry point's stdout and stderr, in order, as text of one or more whole
-    lines (without the last newline). `key` is the run's cluster key: the entry point's
-    process carries the cluster's marker, so that teardown finds it. `keepalive`: seconds
-    between the tiny tasks that keep a cluster with an idle timeout from stopping while the
-    entry point runs (0: none). `cluster_env`: what a client of the cluster needs in its
-    environment (its TLS settings, say).
+    lines (without the last newline), and the shim's "dask progress: ..." lines among them.
+    `key` is the run's cluster key: the entry point's process carries the cluster's marker,
+    so that teardown finds it. `keepalive`: seconds between the tiny tasks that keep a cluster
+    with an idle timeout from stopping while the entry point runs (0: none). `cluster_env`:
+    what a client of the cluster needs in its environment (its TLS settings, say). `report`:
+    where to write Dask's performance report of the call (also when it fails; None: none).
+    `progress_every`: seconds between progress lines (None: PROGRESS_EVERY, 0: none).
 
     The entry point's process dies with this thread: Linux's parent-death signal fires when
     the thread that forked it ends, and this thread waits for it to the end.
@@ -118,7 +126,9 @@ def run_entrypoint(
             "--entrypoint", entrypoint,
             "--code-dir", str(workspace.code_dir),
             "--keepalive", str(keepalive),
+            "--progress", str(_progress_every() if progress_every is None else progress_every),
             *(arg for name, path in files.items() for arg in (f"--{name}", str(path))),
+            *(("--report", str(report)) if report else ()),
         ]  # fmt: skip
         proc = subprocess.Popen(
             cmd,
@@ -144,6 +154,17 @@ def run_entrypoint(
         if code != 0:
             raise _failure(entrypoint, code, files["error"])
         return json.loads(files["result"].read_text(), parse_constant=_not_json)
+
+
+def _progress_every() -> float:
+    text = os.environ.get("DAGFACTORY_PROGRESS_EVERY", "")
+    try:
+        return float(text) if text else PROGRESS_EVERY
+    except ValueError:
+        raise EntrypointError(
+            f"DAGFACTORY_PROGRESS_EVERY={text!r}: write the seconds between progress lines "
+            "(0: none)"
+        ) from None
 
 
 def _not_json(name: str) -> None:

@@ -13,6 +13,7 @@ import logging
 import re
 import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from dagfactory.backends import ClusterContext, ClusterHandle, get_backend
@@ -201,9 +202,13 @@ def run(
     credentials: Credentials | None = None,
     output: Output = print,
     entrypoint: str = "",
+    report: Path | None = None,
+    progress_every: float | None = None,
 ) -> Any:
     """Call the entry point (a step's, else the pipeline's) with a client of the cluster;
-    returns its JSON result."""
+    returns its JSON result. `report`: where Dask's performance report of the call goes
+    (`reports.report_path`); `progress_every`: seconds between Dask progress lines in
+    `output` (None: the runner's default)."""
     entrypoint = entrypoint or spec.entrypoint
     workspace = _workspace(spec, boot, credentials, output)
     cluster = ClusterHandle.from_json(handle)
@@ -223,6 +228,8 @@ def run(
         key,
         keepalive,
         client_env(cluster) if client_env else None,
+        report,
+        progress_every,
     )
 
 
