@@ -11,6 +11,7 @@ cluster running for long.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ KEY_VARIABLE = "DAGFACTORY_CLUSTER_KEY"
 START_TIMEOUT = 120.0
 DEATH_TIMEOUT = 30
 STOP_GRACE = 0.3
+STOP_ROUNDS = 5
 
 
 def cluster_dir(key: str) -> Path:
@@ -95,15 +97,22 @@ def _stop(key: str) -> int:
     A per-run cluster holds nothing worth a long graceful shutdown: its results are already
     with the client, its spill files are deleted with its folder.
     """
-    procs = processes_of(key)
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.send_signal(signal.SIGTERM)
-    for proc in _wait_ended(procs, STOP_GRACE):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    _wait_ended(procs, 5)
-    return len(procs)
+    stopped: set[int] = set()
+    # Again while any is left: a process can start one while it is being stopped (a nanny
+    # restarting its worker, an adaptive scheduler starting one), after the list was taken.
+    for _round in range(STOP_ROUNDS):
+        procs = [p for p in processes_of(key) if not _ended(p)]
+        if not procs:
+            break
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGTERM)
+        for proc in _wait_ended(procs, STOP_GRACE):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        _wait_ended(procs, 5)
+        stopped.update(p.pid for p in procs)
+    return len(stopped)
 
 
 def _recorded(key: str) -> dict:
@@ -279,7 +288,9 @@ class LocalBackend:
             try:
                 with urllib.request.urlopen(counts, timeout=2) as response:
                     workers = json.load(response)["workers"]
-            except (OSError, ValueError, KeyError):
+            # HTTPException: a worker took the dashboard's port first and answers in Dask's
+            # protocol; the scheduler then exits with "Address already in use" (see above).
+            except (OSError, ValueError, KeyError, http.client.HTTPException):
                 workers = -1
             if workers >= spec.start_workers:
                 return
