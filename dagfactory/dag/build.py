@@ -48,12 +48,9 @@ from dagfactory.spec.load import (
 )
 from dagfactory.spec.params import json_schema
 from dagfactory.spec.pipeline import (
-    JINJA_EXPRESSION,
-    STEP_REFERENCE,
     AssetCondition,
     PipelineSpec,
     ScheduleSpec,
-    StepSpec,
     parse_duration,
 )
 
@@ -165,7 +162,7 @@ def _stages(spec: PipelineSpec) -> None:
                             workspace=bootstrap.output,
                             cluster=cluster_up.output,
                             earlier=earlier,
-                            results={ref: task_ids[ref] for ref in _references(step)},
+                            results={ref: task_ids[ref] for ref in step.results_used},
                             execution_timeout=parse_duration(timeout) if timeout else None,
                             outlets=[asset(uri) for uri in outlets],
                             doc_md=f"`{step.entrypoint}(client, **params)` on the cluster of "
@@ -199,29 +196,10 @@ def _stages(spec: PipelineSpec) -> None:
         built[name] = (cluster_up, groups)
 
 
-def _references(step: StepSpec) -> list[str]:
-    """The steps whose results a step's params use ({{ steps.<name> }}), each once."""
-    found = []
-    for text in _param_strings(step.params):
-        for expression in JINJA_EXPRESSION.findall(text):
-            found += STEP_REFERENCE.findall(expression)
-    return list(dict.fromkeys(found))
-
-
-def _param_strings(value: object) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [text for item in value.values() for text in _param_strings(item)]
-    if isinstance(value, list | tuple):
-        return [text for item in value for text in _param_strings(item)]
-    return []
-
-
 def _final_step(spec: PipelineSpec) -> str | None:
     """The step that emits the pipeline's outlets: the one last step of the one final stage
     (validation makes sure there is one when the pipeline has outlets)."""
-    finals = [n for n in spec.stages if not any(n in s.depends_on for s in spec.stages.values())]
+    finals = spec.final_stages()
     if len(finals) != 1 or len(spec.stages[finals[0]].groups[-1]) != 1:
         return None
     return spec.stages[finals[0]].groups[-1][0][0]

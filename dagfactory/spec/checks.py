@@ -17,11 +17,8 @@ from urllib.parse import urlsplit
 
 from dagfactory.spec.pipeline import (
     ASSET_URI_MAX_LENGTH,
-    JINJA_EXPRESSION,
-    PARAM_REFERENCE,
     RESERVED_STAGE_NAMES,
     RESERVED_STEP_NAMES,
-    STEP_REFERENCE,
     AssetCondition,
     ClusterSpec,
     PipelineSpec,
@@ -30,6 +27,7 @@ from dagfactory.spec.pipeline import (
     StepSpec,
     parse_duration,
     parse_size,
+    template_references,
 )
 
 FieldPath = tuple[str | int, ...]
@@ -606,7 +604,7 @@ def _check_stages(spec: PipelineSpec) -> Iterator[Finding]:
         )
         return
     yield from _check_steps(spec)
-    sinks = [n for n in stages if not any(n in s.depends_on for s in stages.values())]
+    sinks = spec.final_stages()
     if not sinks:
         return
     if spec.outlets and len(sinks) > 1:
@@ -677,27 +675,22 @@ def _check_steps(spec: PipelineSpec) -> Iterator[Finding]:
                     ),
                 )
             seen.add(step_name)
-            for param, text in _strings(step.params):
-                for expression in JINJA_EXPRESSION.findall(text):
-                    for ref in STEP_REFERENCE.findall(expression):
-                        problem = _reference_problem(
-                            ref, step_name, stage_name, group_of[step_name], where, upstream
-                        )
-                        if problem:
-                            yield (*path, "params", *param), problem
-                    for ref in PARAM_REFERENCE.findall(expression):
-                        if ref not in spec.params:
-                            yield (
-                                (*path, "params", *param),
-                                (
-                                    f"params.{ref}: the pipeline has no param {ref!r}; "
-                                    + (
-                                        _choices(ref, list(spec.params))
-                                        if spec.params
-                                        else "declare it under params: at the top of the file"
-                                    )
-                                ),
-                            )
+            for param, kind, ref in template_references(step.params):
+                if kind == "steps":
+                    problem = _reference_problem(
+                        ref, step_name, stage_name, group_of[step_name], where, upstream
+                    )
+                elif ref not in spec.params:
+                    hint = (
+                        _choices(ref, list(spec.params))
+                        if spec.params
+                        else "declare it under params: at the top of the file"
+                    )
+                    problem = f"params.{ref}: the pipeline has no param {ref!r}; {hint}"
+                else:
+                    problem = None
+                if problem:
+                    yield (*path, "params", *param), problem
 
 
 def _upstream_stages(spec: PipelineSpec, name: str) -> set[str]:
@@ -738,18 +731,6 @@ def _reference_problem(
         f"steps.{ref}: step {ref!r} is in stage {ref_stage!r}, which does not run before "
         f"stage {stage!r}; add {ref_stage!r} to the depends_on of stage {stage!r}"
     )
-
-
-def _strings(value: Any, path: FieldPath = ()) -> Iterator[tuple[FieldPath, str]]:
-    """Every string in a param value, with its path inside the params."""
-    if isinstance(value, str):
-        yield path, value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from _strings(item, (*path, key))
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            yield from _strings(item, (*path, index))
 
 
 def _choices(name: str, names: list[str]) -> str:

@@ -7,6 +7,7 @@ Schema keywords a field needs beyond its type live in the field's metadata.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from typing import Annotated, Any, ClassVar
@@ -410,6 +411,24 @@ STEP_REFERENCE = re.compile(r"\bsteps\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)")
 PARAM_REFERENCE = re.compile(r"\bparams\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)")
 JINJA_EXPRESSION = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
 RESERVED_STAGE_NAMES = ("bootstrap",)
+
+
+def template_references(value: Any, path: tuple = ()) -> Iterator[tuple[tuple, str, str]]:
+    """(path inside the params, "steps" or "params", name) of every `steps.<name>` and
+    `params.<name>` inside a {{ ... }} of the strings of a params value."""
+    if isinstance(value, str):
+        for expression in JINJA_EXPRESSION.findall(value):
+            for kind, pattern in (("steps", STEP_REFERENCE), ("params", PARAM_REFERENCE)):
+                for name in pattern.findall(expression):
+                    yield path, kind, name
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from template_references(item, (*path, key))
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from template_references(item, (*path, index))
+
+
 RESERVED_STEP_NAMES = ("cluster_up", "teardown", "parallel")
 
 
@@ -453,6 +472,12 @@ class StepSpec:
         maximum=100,
         examples=[0, 3],
     )
+
+    @property
+    def results_used(self) -> tuple[str, ...]:
+        """The steps whose results this step's params use ({{ steps.<name> }}), each once."""
+        found = (name for _, kind, name in template_references(self.params) if kind == "steps")
+        return tuple(dict.fromkeys(found))
 
 
 StepGroup = dict[str, StepSpec | tuple[dict[str, StepSpec], ...]]
@@ -693,6 +718,11 @@ class PipelineSpec:
             done.append(ready[0])
             pending.remove(ready[0])
         return done
+
+    def final_stages(self) -> list[str]:
+        """The stages no other stage depends on: a run ends with their last steps."""
+        needed = {name for stage in self.stages.values() for name in stage.depends_on}
+        return [name for name in self.stages if name not in needed]
 
     def cluster_specs(self) -> dict[str | None, ClusterSpec]:
         """The cluster of each stage (key None: the one cluster of a pipeline with no stages)."""
